@@ -1,0 +1,155 @@
+"""The `metasae` command: build, verify, info, push, pull."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _str_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def cmd_build(a: argparse.Namespace) -> int:
+    from metasae.build import BuildConfig, build
+
+    overrides = {f.name: getattr(a, f.name) for f in fields(BuildConfig) if f.name != "preset"}
+    cfg = BuildConfig.from_preset(a.preset, **overrides)
+    work = a.work or str(Path(".cache") / "build" / Path(a.out).resolve().name)
+    build(cfg, a.out, work=work, force=a.force, until=a.until, progress=not a.quiet)
+    if a.until is None:
+        print(f"atlas written to {a.out}")
+    return 0
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per BuildConfig field (so `command_for` output always parses back)."""
+    from metasae.build import BuildConfig
+
+    for f in fields(BuildConfig):
+        if f.name == "preset":
+            continue
+        t = str(f.type)
+        if "list[int]" in t:
+            kind = _int_list
+        elif "list[str]" in t:
+            kind = _str_list
+        elif "float" in t:
+            kind = float
+        elif "int" in t:
+            kind = int
+        else:
+            kind = str
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None)
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    from metasae.atlas import verify
+
+    problems = verify(a.path, checksums=not a.fast)
+    if problems:
+        for p in problems:
+            print(f"BAD  {p}")
+        return 1
+    print(f"OK   {a.path}")
+    return 0
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    from metasae.atlas import AtlasError, read_manifest
+
+    m, problems = read_manifest(a.path)
+    if m is None:
+        raise AtlasError("; ".join(problems))
+    if a.json:
+        print(json.dumps(m, indent=1))
+        return 0
+    mod = m.get("model", {})
+    print(f"model   {mod.get('name')}  hook {mod.get('hook')}  d_model {mod.get('d_model')}")
+    c = m.get("corpus", {})
+    print(f"corpus  {', '.join(c.get('sources') or [])}  {c.get('n_tokens')} tokens")
+    print(f"{'width':>7} {'L0':>7} {'MSE':>9} {'FVU':>6} {'CE':>7} {'ΔCE':>7}")
+    for s in m.get("saes", []):
+        print(f"{s['width']:>7} {s['l0']:>7.1f} {s['mse']:>9.2f} {s['fvu']:>6.3f} {s['ce_loss']:>7.3f} "
+              f"{s['ce_delta']:>7.3f}")
+    for p in m.get("stitching", {}).get("pairs", []):
+        print(f"pair {p['small']}->{p['large']}: novel {p['novel_frac']:.1%}, {p['n_groups']} groups")
+    ms = m.get("meta_sae") or {}
+    if ms:
+        print(f"meta-SAE {ms.get('width')} meta-latents, k={ms.get('k')}, FVU {ms.get('fvu'):.3f}")
+    return 0
+
+
+def cmd_push(a: argparse.Namespace) -> int:
+    from metasae.hub import push
+
+    push(a.path, a.repo, private=not a.public)
+    print(f"pushed {a.path} to dataset repo {a.repo}")
+    return 0
+
+
+def cmd_pull(a: argparse.Namespace) -> int:
+    from metasae.hub import pull
+
+    print(pull(a.repo, revision=a.revision, cache_dir=a.cache_dir))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="metasae", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build (or resume building) an atlas")
+    b.add_argument("--preset", default="demo", help="tiny | demo | gpt2-paper")
+    b.add_argument("--out", default="data", help="atlas folder to write")
+    b.add_argument("--work", help="folder for intermediate results (default .cache/build/<out name>)")
+    _add_config_flags(b)
+    b.add_argument("--until", help="stop after this stage")
+    b.add_argument("--force", action="store_true", help="overwrite an existing atlas / other-settings work")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(fn=cmd_build)
+    v = sub.add_parser("verify", help="check an atlas: checksums, schema, format_version")
+    v.add_argument("path")
+    v.add_argument("--fast", action="store_true", help="skip checksums")
+    v.set_defaults(fn=cmd_verify)
+    i = sub.add_parser("info", help="print an atlas's ladder table")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_info)
+    pu = sub.add_parser("push", help="upload an atlas to the Hugging Face hub as a dataset repo")
+    pu.add_argument("path")
+    pu.add_argument("repo")
+    pu.add_argument("--public", action="store_true")
+    pu.set_defaults(fn=cmd_push)
+    pl = sub.add_parser("pull", help="download an atlas dataset repo; prints its local path")
+    pl.add_argument("repo")
+    pl.add_argument("--revision")
+    pl.add_argument("--cache-dir")
+    pl.set_defaults(fn=cmd_pull)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, OSError) as e:
+        print(f"metasae {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - top level: one clear line, not a traceback
+        from metasae.atlas import AtlasError
+
+        if isinstance(e, AtlasError):
+            print(f"metasae {args.cmd}: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
