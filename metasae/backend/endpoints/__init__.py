@@ -1,0 +1,1 @@
+"""One module a route (Neuronpedia's inference-server layout)."""

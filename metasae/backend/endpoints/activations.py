@@ -1,0 +1,45 @@
+"""POST /v1/activations: run text through the model to the atlas's hook and encode it with one SAE."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from metasae.backend.deps import ResourcesDep, SettingsDep, computing
+from metasae.backend.errors import field_error
+from metasae.backend.schemas import ActivationsRequest, ActivationsResponse
+
+router = APIRouter(tags=["live"])
+
+
+def token_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` the way the atlas's corpus was tokenised (no special tokens)."""
+    from metasae.corpus import _encode
+
+    return [int(t) for t in _encode(tokenizer, [text])[0]]
+
+
+@router.post("/activations", response_model=ActivationsResponse, summary="per-token top latents of new text")
+def activations(req: ActivationsRequest, res: ResourcesDep,
+                settings: SettingsDep) -> dict:
+    import torch
+
+    if len(req.text) > settings.max_text_chars:
+        raise field_error("text", f"has {len(req.text)} characters, the limit is {settings.max_text_chars}", 413)
+    res.check_width(req.width)
+    with computing(res, "computing activations"):
+        lm = res.lm()
+        sae = res.sae(req.width)
+        ids = token_ids(lm.tokenizer, req.text)
+        if not ids:
+            raise field_error("text", "gives no tokens")
+        if len(ids) > settings.max_tokens:
+            raise field_error("text", f"gives {len(ids)} tokens, the limit is {settings.max_tokens}", 413)
+        with torch.inference_mode():
+            x = lm.resid(torch.tensor([ids]), res.hook)[0]
+            acts = sae.encode(x.to(sae.W_enc.device))
+            vals, idx = acts.topk(min(req.top_k, sae.width), dim=-1)
+        vals, idx = vals.float().cpu().numpy(), idx.cpu().numpy()
+        labels = res.latent_labels(req.width)
+        top = [[{"latent": int(j), "activation": float(a), "label": str(labels[j]) if j < len(labels) else ""}
+                for a, j in zip(va, ia, strict=True) if a > 0] for va, ia in zip(vals, idx, strict=True)]
+        return {"width": req.width, "tokens": lm.decode_tokens(ids), "token_ids": ids, "top": top}

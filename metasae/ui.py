@@ -1,0 +1,232 @@
+"""Streamlit glue shared by the pages: the opened atlas, URL-bound widgets, links and error display.
+
+Kept small on purpose: what a page shows is computed in ``metasae.views`` and drawn by ``metasae.plots``;
+this module only moves values between the URL (``st.query_params``), widgets and those functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from metasae import views
+from metasae.app_state import AtlasSource, BadInput
+from metasae.atlas import Atlas, AtlasError, UnknownLatentError
+
+PAGES = {
+    "overview": "pages/overview.py", "latent": "pages/latent.py", "meta_latent": "pages/meta_latent.py",
+    "search": "pages/search.py", "stitching": "pages/stitching.py", "live": "pages/live.py",
+}
+_CTX = "_metasae_context"
+
+
+@dataclass
+class Context:
+    """What app.py hands every page: the sources, the chosen one, and its atlas (or why it failed)."""
+
+    sources: list[AtlasSource]
+    source: AtlasSource | None
+    atlas: Atlas | None
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return self.source.key if self.source else ""
+
+
+def set_context(ctx: Context) -> None:
+    st.session_state[_CTX] = ctx
+
+
+def context() -> Context:
+    ctx = st.session_state.get(_CTX)
+    if ctx is None and not st.session_state.get("_metasae_rerun"):
+        # The very first request a fresh server gets for a page URL is routed by Streamlit's legacy pages/
+        # folder scan, which runs the page without app.py; that run also switches the server to app.py's
+        # st.navigation; that legacy routing stays on until app.py's st.navigation runs once. Switch it off
+        # and rerun: the rerun goes through app.py, which routes back to this page with the context set.
+        st.session_state["_metasae_rerun"] = True
+        with contextlib.suppress(Exception):  # a Streamlit internal; without it the user sees the message below
+            from streamlit.runtime.pages_manager import PagesManager
+
+            PagesManager.uses_pages_directory = False
+        st.rerun()
+    if ctx is None:
+        st.error("Start the dashboard with `streamlit run app.py`; this page needs app.py to open the atlas.")
+        st.stop()
+    return ctx
+
+
+def require_atlas() -> tuple[Context, Atlas]:
+    """The context and its opened atlas; without one, the reason is shown and the page stops."""
+    ctx = context()
+    for note in ctx.notes:
+        st.warning(note)
+    if ctx.atlas is None:
+        st.error(ctx.error or "No atlas is open.")
+        st.stop()
+    return ctx, ctx.atlas
+
+
+# --------------------------------------------------------------------------------------------- cached heavy things
+
+
+@st.cache_resource(show_spinner="Building the search index …", max_entries=8)
+def search_index(key: str, _atlas: Atlas) -> Any:
+    from metasae.search import SearchIndex
+
+    return SearchIndex(_atlas)
+
+
+@st.cache_resource(show_spinner="Loading the meta-SAE …", max_entries=8)
+def meta_sae(key: str, _atlas: Atlas) -> Any:
+    return views.load_meta_sae(_atlas)
+
+
+@st.cache_resource(show_spinner="Loading SAE decoder …", max_entries=16)
+def decoder(key: str, width: int, _atlas: Atlas) -> Any:
+    return views.load_decoder(_atlas, width)
+
+
+@st.cache_resource(show_spinner="Starting / connecting to the metasae backend …", ttl=300, max_entries=4)
+def _backend(key: str) -> tuple[Any, str | None]:
+    return views.get_backend(key or None)
+
+
+def backend(ctx: Context) -> tuple[Any, str | None]:
+    """(backend for the open atlas, None) or (None, why not); a failure is retried on the next call."""
+    b, why = _backend(atlas_key(ctx))
+    if b is None:
+        _backend.clear()  # do not remember a failure: the backend may come up later
+        return None, why
+    try:
+        problem = views.backend_problem(b.health(), ctx.atlas) if ctx.atlas is not None else None
+    except Exception as e:  # it died since: forget it, say so
+        _backend.clear()
+        return None, f"Backend unavailable: {e}"
+    return (None, problem) if problem else (b, None)
+
+
+@st.cache_data(show_spinner="Running the model on your text …", max_entries=64, ttl=3600)
+def activations(key: str, text: str, width: int, top_k: int, _backend: Any) -> dict:
+    """Backend per-token activations, remembered per (atlas, text, width) so reruns do not recompute."""
+    return _backend.activations(text, width, top_k=top_k)
+
+
+def atlas_key(ctx: Context) -> str:
+    """Cache key of the open atlas (its folder, so two atlases never share a cache entry)."""
+    return str(ctx.atlas.path) if ctx.atlas is not None else ""
+
+
+# --------------------------------------------------------------------------------------------- URL state
+
+
+def param(name: str) -> str | None:
+    """A URL query parameter (the last value when repeated), or None."""
+    try:
+        v = st.query_params.get(name)
+    except Exception:
+        return None
+    return None if v is None else str(v)
+
+
+def set_params(**values: Any) -> None:
+    """Write URL query parameters; None or '' removes one."""
+    for k, v in values.items():
+        if v is None or v == "" or v == []:
+            st.query_params.pop(k, None)
+        else:
+            st.query_params[k] = str(v)
+
+
+def link_params(**values: Any) -> dict[str, str]:
+    """Query parameters for a link: the given ones (None dropped) plus the chosen atlas when there are several."""
+    out = {k: str(v) for k, v in values.items() if v is not None and v != ""}
+    ctx = st.session_state.get(_CTX)
+    if ctx is not None and len(ctx.sources) > 1 and ctx.source is not None:
+        out["atlas"] = ctx.source.key
+    return out
+
+
+def bind(key: str, value: Any) -> None:
+    """Show ``value`` (from the URL) in the widget ``key``; call before drawing the widget."""
+    st.session_state[key] = value
+
+
+def to_url(key: str, name: str, encode: Callable[[Any], Any] = str, default: Any = None,
+           also: dict[str, Any] | None = None) -> Callable[[], None]:
+    """An on_change callback that writes widget ``key``'s value to URL parameter ``name`` (default removes it)."""
+
+    def callback() -> None:
+        v = st.session_state.get(key)
+        set_params(**{name: None if v is None or v == default else encode(v)})
+        if also:
+            set_params(**{k: (f() if callable(f) else f) for k, f in also.items()})
+
+    return callback
+
+
+# --------------------------------------------------------------------------------------------- links and errors
+
+
+def page_link(page: str, label: str, params: dict[str, Any] | None = None, icon: str | None = None,
+              help: str | None = None) -> None:
+    st.page_link(PAGES[page], label=label, query_params=link_params(**(params or {})), icon=icon, help=help)
+
+
+def latent_link(width: int, latent: int, label: Any = None, extra: str = "") -> None:
+    page_link("latent", views.latent_name(width, latent, label) + extra,
+              {"width": int(width), "latent": int(latent)})
+
+
+def meta_link(m: int, label: Any = None, extra: str = "") -> None:
+    page_link("meta_latent", f"meta-latent {int(m)}" + (f" · {views.show_token(label)}" if label else "") + extra,
+              {"meta": int(m)})
+
+
+def latent_url(width: int, latent: int) -> str:
+    """A relative URL to a latent page (for LinkColumn cells)."""
+    q = link_params(width=int(width), latent=int(latent))
+    return "latent?" + "&".join(f"{k}={v}" for k, v in q.items())
+
+
+def with_links(df: pd.DataFrame) -> pd.DataFrame:
+    """Adds an 'open' column of latent-page URLs (sae_width/latent, or latent with a fixed width)."""
+    df = df.copy()
+    df.insert(0, "open", [latent_url(w, i) for w, i in zip(df["sae_width"], df["latent"], strict=True)])
+    return df
+
+
+LINK_COLUMN = {"open": st.column_config.LinkColumn("open", display_text="open ↗", width="small")}
+
+
+def chips(tokens: list[Any] | None, limit: int = 10) -> None:
+    st.markdown(views.token_chips(tokens, limit), unsafe_allow_html=True)
+
+
+def show_error(e: BaseException) -> None:
+    """A readable message for anything a page can hit: bad input, a broken atlas, or a bug (no traceback)."""
+    if isinstance(e, BadInput):
+        st.error(str(e))
+    elif isinstance(e, UnknownLatentError):
+        st.error(f"Not in this atlas: {e}")
+    elif isinstance(e, AtlasError):
+        st.error(f"The atlas cannot answer this: {e}")
+    else:
+        st.error(f"Something went wrong while drawing this part of the page ({type(e).__name__}: {e}). "
+                 "The rest of the page still works; please report this with the URL.")
+
+
+@contextlib.contextmanager
+def guard() -> Iterator[None]:
+    """Run one section of a page; an exception becomes an error message and the page goes on."""
+    try:
+        yield
+    except Exception as e:  # st.stop / st.rerun / switch_page raise BaseException subclasses and pass through
+        show_error(e)

@@ -1,0 +1,558 @@
+"""What each dashboard page shows, computed from an opened atlas without Streamlit (so it is unit-tested).
+
+Pages call these functions, then draw the results with ``metasae.plots`` and a few Streamlit widgets. Every
+function here answers from the atlas's in-memory indexes (``metasae.atlas``) and ``metasae.search``: a page
+rerun costs milliseconds, even at paper scale.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from metasae.app_state import BadInput, Term, clean_query
+from metasae.atlas import Atlas, AtlasError, UnknownLatentError
+
+KIND_COLORS = {"novel": "#e4572e", "reconstruction": "#4c78a8", None: "#9e9e9e"}
+LADDER_COLUMNS = ["width", "l0", "mse", "fvu", "ce_loss", "ce_delta"]
+
+
+# --------------------------------------------------------------------------------------------- text helpers
+
+
+def show_token(tok: Any) -> str:
+    """A token as readable text: BPE space markers become spaces, newlines ⏎, control bytes \\xNN."""
+    if tok is None:
+        return ""
+    s = str(tok).replace("\u0120", " ").replace("\u2581", " ").replace("\u010a", "\n")
+    out = []
+    for ch in s:
+        if ch == "\n":
+            out.append("⏎")
+        elif ch == "\t":
+            out.append("⇥")
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn"):
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def token_chips(tokens: list[Any] | None, limit: int = 10) -> str:
+    """HTML chips for a list of tokens (escaped; leading/trailing spaces shown as ␣)."""
+    if not tokens:
+        return "<span style='color:#888'>none</span>"
+    chips = []
+    for t in list(tokens)[:limit]:
+        s = show_token(t)
+        s = ("␣" + s[1:] if s.startswith(" ") else s) or "∅"
+        chips.append(f"<code style='margin:0 4px 4px 0;display:inline-block'>{html.escape(s)}</code>")
+    return "".join(chips)
+
+
+def example_html(tokens: list[Any], acts: list[float] | None, position: int | None, scale: float | None) -> str:
+    """One example as HTML: each token shaded by its activation (orange), the max token outlined."""
+    acts = list(acts or [0.0] * len(tokens))
+    top = scale if scale and scale > 0 else max([a for a in acts if a is not None] + [1e-12])
+    spans = []
+    for j, (t, a) in enumerate(zip(tokens, acts, strict=False)):
+        a = 0.0 if a is None or not math.isfinite(a) else float(a)
+        alpha = min(max(a / top, 0.0), 1.0) if top > 0 else 0.0
+        style = f"background:rgba(255,140,0,{alpha:.2f});white-space:pre;border-radius:3px;padding:0 1px"
+        if j == position:
+            style += ";outline:2px solid #c0392b"
+        spans.append(f"<span title='{a:.4g}' style='{style}'>{html.escape(show_token(t))}</span>")
+    return "<div style='font-family:monospace;line-height:1.9;font-size:0.92em'>" + "".join(spans) + "</div>"
+
+
+def fmt(x: Any, digits: int = 4) -> str:
+    """A number for a metric: significant digits, '—' for missing values."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "—"
+    if isinstance(x, (int, np.integer)):
+        return f"{int(x):,}"
+    v = float(x)
+    if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e7):  # compact: metrics have little room
+        return f"{v:.{max(digits - 2, 1)}e}"
+    return f"{v:.{digits}g}"
+
+
+def latent_name(width: int, latent: int, label: Any = None) -> str:
+    """'128/7 · label' — how a latent is named in links."""
+    base = f"{int(width)}/{int(latent)}"
+    return f"{base} · {show_token(label)}" if label else base
+
+
+# --------------------------------------------------------------------------------------------- overview
+
+
+def overview_facts(atlas: Atlas) -> dict[str, Any]:
+    """Model, hook, corpus and meta-SAE facts from the manifest (missing entries are None)."""
+    m = atlas.manifest
+    model = m.get("model") if isinstance(m.get("model"), dict) else {}
+    corpus = m.get("corpus") if isinstance(m.get("corpus"), dict) else {}
+    meta = m.get("meta_sae") if isinstance(m.get("meta_sae"), dict) else {}
+    stitch = m.get("stitching") if isinstance(m.get("stitching"), dict) else {}
+    sources = corpus.get("sources")
+    return {
+        "model": model.get("name"), "model_source": model.get("source"), "hook": model.get("hook"),
+        "d_model": model.get("d_model"),
+        "corpus": ", ".join(map(str, sources)) if isinstance(sources, list) else sources,
+        "n_tokens": corpus.get("n_tokens"), "widths": atlas.widths,
+        "n_latents": int(sum(atlas.n_latents(w) for w in atlas.widths)),
+        "meta_width": meta.get("width", atlas.n_meta_latents), "meta_k": meta.get("k"), "meta_fvu": meta.get("fvu"),
+        "meta_terms": meta.get("terms_per_latent"), "meta_overlap": (meta.get("overlap") or {}).get("overlap_of_meta"),
+        "threshold": stitch.get("threshold", 0.7),
+        "synthetic": bool(m.get("synthetic")),
+    }
+
+
+def ladder_table(atlas: Atlas) -> pd.DataFrame:
+    """One row per SAE width: width, latents, L0, MSE, FVU, CE loss, ΔCE (from the manifest)."""
+    rows = []
+    for s in atlas.manifest.get("saes") or []:
+        if isinstance(s, dict) and isinstance(s.get("width"), int):
+            rows.append({k: s.get(k) for k in LADDER_COLUMNS})
+    df = pd.DataFrame(rows, columns=LADDER_COLUMNS)
+    known = set(df["width"])
+    extra = [{"width": w} for w in atlas.widths if w not in known]  # widths the manifest forgot still appear
+    if extra:
+        df = pd.concat([df, pd.DataFrame(extra, columns=LADDER_COLUMNS)], ignore_index=True)
+    df = df.sort_values("width").reset_index(drop=True)
+    df.insert(1, "latents", [atlas.n_latents(int(w)) if int(w) in atlas.widths else None for w in df["width"]])
+    for c in LADDER_COLUMNS[1:]:
+        df[c] = pd.to_numeric(df[c], errors="coerce")
+    return df
+
+
+def pair_summaries(atlas: Atlas) -> pd.DataFrame:
+    """Per stitching pair: small, large, novel_frac, n_groups (+ attr_spearman etc. when recorded)."""
+    pairs = (atlas.manifest.get("stitching") or {}).get("pairs") or []
+    rows = [p for p in pairs if isinstance(p, dict) and "small" in p and "large" in p]
+    df = pd.DataFrame(rows)
+    have = {(int(r["small"]), int(r["large"])) for r in rows}
+    ws = atlas.widths
+    missing = []
+    for small, large in zip(ws[:-1], ws[1:], strict=True):  # compute what the manifest does not record
+        if (small, large) not in have:
+            kind = atlas.latents_table(large, ["kind"])["kind"]
+            missing.append({"small": small, "large": large, "novel_frac": float((kind == "novel").mean())})
+    if missing:
+        df = pd.concat([df, pd.DataFrame(missing)], ignore_index=True)
+    if df.empty:
+        return pd.DataFrame(columns=["small", "large", "novel_frac", "pair"])
+    df = df.sort_values(["small", "large"]).reset_index(drop=True)
+    df["pair"] = [f"{a}→{b}" for a, b in zip(df["small"], df["large"], strict=True)]
+    return df
+
+
+def max_cos(atlas: Atlas) -> dict[int, np.ndarray]:
+    """Per width above the smallest: every latent's max cosine with the next smaller width's latents."""
+    out = {}
+    for w in atlas.widths[1:]:
+        c = atlas.latents_table(w, ["nearest_smaller_cos"])["nearest_smaller_cos"].to_numpy(dtype=float)
+        c = c[np.isfinite(c)]
+        if len(c):
+            out[w] = c
+    return out
+
+
+def curves(atlas: Atlas) -> dict[tuple[int, int], pd.DataFrame]:
+    """Every stitching interpolation curve, by (small, large)."""
+    return {p: atlas.stitching_curve(*p) for p in atlas.stitching_pairs()}
+
+
+def findings(atlas: Atlas) -> dict[str, Any]:
+    """The numbers that tell the paper's two findings for this atlas."""
+    facts = overview_facts(atlas)
+    pairs = pair_summaries(atlas)
+    nf = pairs["novel_frac"].dropna() if "novel_frac" in pairs else pd.Series(dtype=float)
+    fvu = facts["meta_fvu"]
+    return {
+        "novel_frac_mean": float(nf.mean()) if len(nf) else None,
+        "novel_frac_min": float(nf.min()) if len(nf) else None,
+        "novel_frac_max": float(nf.max()) if len(nf) else None,
+        "n_pairs": len(pairs), "threshold": facts["threshold"],
+        "meta_var_explained": None if fvu is None else 1.0 - float(fvu),
+        "meta_width": facts["meta_width"], "meta_k": facts["meta_k"], "meta_terms": facts["meta_terms"],
+        "meta_overlap": facts["meta_overlap"],
+    }
+
+
+# --------------------------------------------------------------------------------------------- latent page
+
+
+@dataclass
+class LatentView:
+    width: int
+    latent: int
+    row: dict[str, Any]
+    decomposition: pd.DataFrame
+    examples: list[dict[str, Any]]
+    family: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        return show_token(self.row.get("label"))
+
+
+def latent_view(atlas: Atlas, width: int, latent: int) -> LatentView:
+    """Everything the latent page shows about one latent (UnknownLatentError if absent)."""
+    return LatentView(width, latent, atlas.latent(width, latent), atlas.decomposition(width, latent),
+                      atlas.examples(width, latent), atlas.family(width, latent))
+
+
+def effects(row: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    """(name, value, help) of the latent's stitching effects that the atlas recorded."""
+    spec = [
+        ("ΔMSE", "delta_mse", "Change in reconstruction MSE when this latent is added to the smaller SAE "
+                              "(novel) or removed; negative = it helps."),
+        ("ΔCE", "delta_ce", "Change in next-token cross-entropy when the reconstruction is spliced into the "
+                            "model, exact (ablation at the positions it fires)."),
+        ("ΔCE (attribution)", "delta_ce_attr", "Attribution-patching estimate of ΔCE from one backward pass."),
+        ("group ΔMSE", "group_delta_mse", "ΔMSE of swapping this latent's whole group in."),
+        ("group ΔCE", "group_delta_ce", "ΔCE of swapping this latent's whole group in."),
+    ]
+    return [(name, row.get(col), help_) for name, col, help_ in spec if col in row]
+
+
+@dataclass
+class RadialGraph:
+    """Nodes (with x, y) and edges of the latent -> meta-latents -> other latents graph."""
+
+    nodes: pd.DataFrame  # node, kind (center|meta|latent), sae_width, latent, meta_latent, label, weight, x, y
+    edges: list[tuple[int, int, float]] = field(default_factory=list)  # (node a, node b, weight)
+
+
+def radial_graph(atlas: Atlas, width: int, latent: int, n_meta: int = 5, n_each: int = 5) -> RadialGraph:
+    """Latent at the centre, its top meta-latents on a ring, and for each the strongest other members outside.
+
+    A latent shown once is linked to every displayed meta-latent its decomposition holds.
+    """
+    row = atlas.latent(width, latent)
+    dec = atlas.decomposition(width, latent).head(n_meta)
+    nodes: list[dict[str, Any]] = [{"kind": "center", "sae_width": width, "latent": latent, "meta_latent": None,
+                                    "label": row["label"], "weight": 1.0, "x": 0.0, "y": 0.0}]
+    edges: list[tuple[int, int, float]] = []
+    k = max(len(dec), 1)
+    placed: dict[tuple[int, int], int] = {(width, latent): 0}
+    meta_node: dict[int, int] = {}
+    member_sets: list[tuple[int, pd.DataFrame]] = []
+    for j, (m, w, label) in enumerate(zip(dec["meta_latent"], dec["weight"], dec["label"], strict=True)):
+        ang = 2 * math.pi * j / k + math.pi / 2
+        nid = len(nodes)
+        nodes.append({"kind": "meta", "sae_width": None, "latent": None, "meta_latent": int(m), "label": label,
+                      "weight": float(w), "x": math.cos(ang), "y": math.sin(ang)})
+        meta_node[int(m)] = nid
+        edges.append((0, nid, float(w)))
+        members = atlas.members(int(m))
+        member_sets.append((nid, members))
+        others = members[~((members["sae_width"] == width) & (members["latent"] == latent))]
+        fresh = [r for r in others.itertuples(index=False) if (int(r.sae_width), int(r.latent)) not in placed]
+        fresh = fresh[:n_each]
+        step = min(2 * math.pi / k * 0.75, 1.4) / max(len(fresh) - 1, 1)  # members fan out around their meta
+        for q, r in enumerate(fresh):
+            a = ang + (q - (len(fresh) - 1) / 2) * step
+            key = (int(r.sae_width), int(r.latent))
+            placed[key] = len(nodes)
+            nodes.append({"kind": "latent", "sae_width": key[0], "latent": key[1], "meta_latent": None,
+                          "label": r.label, "weight": float(r.weight), "x": 2.1 * math.cos(a), "y": 2.1 * math.sin(a)})
+    # every displayed latent links to each displayed meta-latent whose member it is
+    for nid, members in member_sets:
+        keys = set(zip(members["sae_width"].astype(int), members["latent"].astype(int), strict=True))
+        weights = dict(zip(zip(members["sae_width"].astype(int), members["latent"].astype(int), strict=True),
+                           members["weight"].astype(float), strict=True))
+        for key, lid in placed.items():
+            if lid != 0 and key in keys:
+                edges.append((nid, lid, weights[key]))
+    return RadialGraph(pd.DataFrame(nodes), edges)
+
+
+def node_params(node: dict[str, Any] | pd.Series) -> tuple[str, dict[str, str]]:
+    """(page, query params) a radial-graph node links to: 'latent' or 'meta_latent'."""
+    if node["kind"] == "meta":
+        return "meta_latent", {"meta": str(int(node["meta_latent"]))}
+    return "latent", {"width": str(int(node["sae_width"])), "latent": str(int(node["latent"]))}
+
+
+# --------------------------------------------------------------------------------------------- meta-latent page
+
+
+@dataclass
+class MetaView:
+    meta_latent: int
+    row: dict[str, Any]
+    members: pd.DataFrame  # sae_width, latent, weight, label
+    per_width: pd.DataFrame  # sae_width, members, mean_weight
+    cooccurring: pd.DataFrame  # meta_latent, count, fraction, label
+
+    @property
+    def label(self) -> str:
+        return show_token(self.row.get("label"))
+
+
+def meta_view(atlas: Atlas, m: int, top_cooccurring: int = 10) -> MetaView:
+    """Everything the meta-latent page shows (UnknownLatentError if absent)."""
+    row = atlas.meta_latent(m)
+    members = atlas.members(m)
+    per_width = (members.groupby("sae_width").agg(members=("latent", "size"), mean_weight=("weight", "mean"))
+                 .reindex(atlas.widths, fill_value=0).reset_index())
+    per_width["mean_weight"] = per_width["mean_weight"].astype(float)
+    return MetaView(m, row, members, per_width, atlas.cooccurring_meta(m, top=top_cooccurring))
+
+
+def meta_options(atlas: Atlas) -> list[tuple[int, str]]:
+    """(meta-latent id, 'id · label') for pickers."""
+    t = atlas.meta_latents_table(["meta_latent", "label"])
+    return [(int(m), f"{int(m)} · {show_token(lab)}") for m, lab in zip(t["meta_latent"], t["label"], strict=True)]
+
+
+# --------------------------------------------------------------------------------------------- search
+
+
+@dataclass
+class SearchResult:
+    results: pd.DataFrame
+    message: str | None = None  # shown as info (empty query / no match)
+    warning: str | None = None  # shown as warning (query cut)
+
+
+def text_search(index: Any, query: str | None, widths: list[int] | None = None, kind: str | None = None,
+                min_density: float | None = None, max_density: float | None = None,
+                min_delta_mse: float | None = None, max_delta_mse: float | None = None,
+                limit: int = 100) -> SearchResult:
+    """Free-text search with the query cleaned first; empty queries and no matches come back as messages."""
+    q, warning = clean_query(query)
+    if not q:
+        return SearchResult(pd.DataFrame(), "Type a word to search labels, top tokens and example text "
+                                            "(e.g. a token the latent fires on).", warning)
+    if min_density is not None and max_density is not None and min_density > max_density:
+        raise BadInput(f"The minimum density ({min_density:g}) is above the maximum ({max_density:g}).")
+    if min_delta_mse is not None and max_delta_mse is not None and min_delta_mse > max_delta_mse:
+        raise BadInput(f"The minimum ΔMSE ({min_delta_mse:g}) is above the maximum ({max_delta_mse:g}).")
+    res = index.text(q, widths=widths or None, kind=kind or None, min_density=min_density,
+                     max_density=max_density, min_delta_mse=min_delta_mse, max_delta_mse=max_delta_mse, limit=limit)
+    msg = None if len(res) else f"No latent matches {q[:80]!r} with these filters."
+    return SearchResult(res, msg, warning)
+
+
+def meta_search(index: Any, metas: list[int], min_weight: float = 0.0, widths: list[int] | None = None,
+                limit: int = 100) -> SearchResult:
+    """Latents whose decomposition holds every meta-latent in ``metas`` with weight >= ``min_weight``."""
+    if not metas:
+        return SearchResult(pd.DataFrame(), "Pick one or more meta-latents: the results are the latents whose "
+                                            "decomposition holds all of them.")
+    try:
+        res = index.by_meta(list(metas), min_weight=float(min_weight), widths=widths or None, limit=limit)
+    except UnknownLatentError as e:
+        raise BadInput(str(e)) from None
+    msg = None if len(res) else "No latent holds all of these meta-latents at that weight."
+    return SearchResult(res, msg)
+
+
+# --------------------------------------------------------------------------------------------- stitching
+
+
+STITCH_COLUMNS = ["latent", "label", "kind", "nearest_smaller", "nearest_smaller_cos", "group_id", "delta_mse",
+                  "delta_ce", "delta_ce_attr", "group_delta_mse", "group_delta_ce", "density"]
+
+
+def stitching_table(atlas: Atlas, small: int, large: int, kind: str | None = None) -> pd.DataFrame:
+    """The large SAE's latents with their kind against ``small``, swap group and ΔMSE/ΔCE."""
+    if atlas.widths.index(large) != atlas.widths.index(small) + 1:
+        raise BadInput(f"The table needs neighbouring widths; {small} and {large} are not.")
+    df = atlas.latents_table(large, [c for c in STITCH_COLUMNS if c in atlas.tables["latents"].column_names])
+    if kind:
+        df = df[df["kind"] == kind]
+    df = df.reset_index(drop=True)
+    df["label"] = df["label"].map(show_token)
+    return df
+
+
+def pair_summary(atlas: Atlas, small: int, large: int) -> dict[str, Any]:
+    """One pair: the manifest's record (novel fraction, groups, actions, attribution Spearman ...), with what it
+    lacks computed from the tables."""
+    out: dict[str, Any] = {"small": small, "large": large}
+    for p in (atlas.manifest.get("stitching") or {}).get("pairs") or []:
+        if isinstance(p, dict) and p.get("small") == small and p.get("large") == large:
+            out.update(p)
+    cols = [c for c in ("kind", "group_id", "delta_ce", "delta_ce_attr") if c in atlas.tables["latents"].column_names]
+    lat = atlas.latents_table(large, cols)
+    if out.get("novel_frac") is None:
+        out["novel_frac"] = float((lat["kind"] == "novel").mean()) if len(lat) else None
+    if out.get("n_groups") is None and "group_id" in lat:
+        out["n_groups"] = int(lat["group_id"].dropna().nunique())
+    curve = atlas.stitching_curve(small, large)
+    for action in ("add", "swap", "remove"):
+        if out.get(f"n_{action}") is None and len(curve):
+            out[f"n_{action}"] = int((curve["action"] == action).sum())
+    if out.get("attr_spearman") is None and {"delta_ce", "delta_ce_attr"} <= set(lat.columns):
+        both = lat[["delta_ce", "delta_ce_attr"]].dropna()
+        if len(both) > 2:
+            out["attr_spearman"] = float(both["delta_ce"].rank().corr(both["delta_ce_attr"].rank()))
+    return out
+
+
+def group_members(atlas: Atlas, width: int, group_id: int) -> list[int]:
+    """Latents of ``width`` in one swap group."""
+    g = atlas.latents_table(width, ["latent", "group_id"])
+    return [int(x) for x in g.loc[g["group_id"] == group_id, "latent"]]
+
+
+# --------------------------------------------------------------------------------------------- live
+
+
+def load_meta_sae(atlas: Atlas) -> Any:
+    """The atlas's meta-SAE as a ``metasae.sae.Sae`` (imports torch; cache the result)."""
+    from metasae.sae import Sae, SaeError
+
+    try:
+        return Sae.load(atlas.meta_sae_path())
+    except SaeError as e:
+        raise AtlasError(str(e)) from e
+
+
+def load_decoder(atlas: Atlas, width: int) -> np.ndarray:
+    """Decoder rows (width, d_model) of one SAE of the ladder, float32 (cache the result)."""
+    from metasae.sae import Sae, SaeError
+
+    try:
+        return Sae.load(atlas.sae_path(width)).W_dec.float().numpy().copy()
+    except SaeError as e:
+        raise AtlasError(str(e)) from e
+
+
+def compose(terms: list[Term], decoders: dict[int, np.ndarray]) -> np.ndarray:
+    """Σ coef · decoder row for the terms (``decoders`` maps width -> decoder rows)."""
+    d = next(iter(decoders.values())).shape[1]
+    v = np.zeros(d, dtype=np.float64)
+    for t in terms:
+        v += t.coef * decoders[t.width][t.latent].astype(np.float64)
+    return v
+
+
+def encode_live(atlas: Atlas, meta_sae: Any, vector: np.ndarray) -> pd.DataFrame:
+    """Meta-SAE decomposition of one vector, computed now: DataFrame[meta_latent, weight, label]."""
+    import torch
+
+    from metasae.meta import decompose
+    from metasae.sae import SaeError
+
+    try:
+        w, i = decompose(meta_sae, torch.as_tensor(np.asarray(vector, dtype=np.float32)))
+    except SaeError as e:
+        raise BadInput(str(e)) from None
+    w, i = w[0].numpy(), i[0].numpy()
+    keep = w > 0
+    ids = i[keep].astype(int)
+    return pd.DataFrame({"meta_latent": ids, "weight": w[keep].astype(float),
+                         "label": [meta_label(atlas, m) for m in ids]})
+
+
+def meta_label(atlas: Atlas, m: int) -> str:
+    try:
+        return show_token(atlas.meta_latent(int(m))["label"])
+    except UnknownLatentError:
+        return "(unknown)"
+
+
+def expected_decomposition(atlas: Atlas, terms: list[Term]) -> pd.DataFrame:
+    """Σ coef · stored decomposition of each term: what a linear meta-SAE would answer for the composition."""
+    acc: dict[int, float] = {}
+    for t in terms:
+        dec = atlas.decomposition(t.width, t.latent)
+        for m, w in zip(dec["meta_latent"], dec["weight"], strict=True):
+            acc[int(m)] = acc.get(int(m), 0.0) + t.coef * float(w)
+    items = sorted(acc.items(), key=lambda kv: -kv[1])
+    return pd.DataFrame({"meta_latent": [m for m, _ in items], "weight": [w for _, w in items],
+                         "label": [meta_label(atlas, m) for m, _ in items]})
+
+
+def compare(stored: pd.DataFrame, live: pd.DataFrame) -> pd.DataFrame:
+    """Outer join of two decompositions on meta_latent: label, stored, live, difference (live - stored)."""
+    a = stored[["meta_latent", "weight", "label"]].rename(columns={"weight": "stored"})
+    b = live[["meta_latent", "weight", "label"]].rename(columns={"weight": "live"})
+    df = a.merge(b, on="meta_latent", how="outer", suffixes=("", "_live"))
+    df["label"] = df["label"].fillna(df.pop("label_live"))
+    df[["stored", "live"]] = df[["stored", "live"]].astype(float).fillna(0.0)
+    df["difference"] = df["live"] - df["stored"]
+    df["meta_latent"] = df["meta_latent"].astype(int)
+    return df.sort_values(["live", "stored"], ascending=False).reset_index(drop=True)
+
+
+def activations_table(result: dict[str, Any]) -> pd.DataFrame:
+    """Backend ``activations`` answer as rows (position, token, rank, latent, activation, label)."""
+    rows = []
+    for pos, (tok, top) in enumerate(zip(result.get("tokens") or [], result.get("top") or [], strict=False)):
+        for rank, item in enumerate(top or []):
+            rows.append({"position": pos, "token": show_token(tok), "rank": rank, "latent": int(item["latent"]),
+                         "activation": float(item["activation"]), "label": show_token(item.get("label"))})
+    return pd.DataFrame(rows, columns=["position", "token", "rank", "latent", "activation", "label"])
+
+
+# --------------------------------------------------------------------------------------------- backend
+
+
+def get_backend(atlas_path: str | None = None) -> tuple[Any | None, str | None]:
+    """(backend, None), or (None, why it is unavailable).
+
+    ``metasae.backend.client.get_backend``: METASAE_BACKEND_URL when set, else a local backend subprocess for
+    ``atlas_path`` (started on first need, seconds). Cache the result.
+    """
+    try:
+        from metasae.backend.client import get_backend as _get
+    except ImportError as e:
+        return None, f"Backend unavailable: the backend client cannot be imported ({e})."
+    try:
+        return _get(atlas_path), None
+    except Exception as e:  # a backend that cannot start or be reached: say why, never a traceback
+        return None, f"Backend unavailable: {e}"
+
+
+def backend_problem(health: dict[str, Any], atlas: Atlas) -> str | None:
+    """Why a backend's answers would not fit this atlas (another model, or it failed to open its atlas)."""
+    if health.get("status") == "error" or health.get("atlas_error"):
+        return f"The backend cannot serve its atlas: {health.get('atlas_error') or 'error'}"
+    model = health.get("model")
+    if model and atlas.model_name and model != atlas.model_name:
+        return (f"The backend serves an atlas of model {model!r}, this one is of {atlas.model_name!r}: its "
+                "answers would not match this atlas. Point METASAE_BACKEND_URL at a backend for this atlas.")
+    return None
+
+
+@dataclass
+class FreshStitch:
+    """A stitching evaluation the backend just ran, next to what the atlas stores for the same pair."""
+
+    curve: pd.DataFrame  # step, action, l0, mse, ce_loss
+    latents: pd.DataFrame  # latent, kind, stored_kind, delta_mse, stored_delta_mse
+    n_tokens: int | None
+    rank_corr: float | None  # Spearman of fresh vs stored ΔMSE
+    kind_agreement: float | None
+
+
+def fresh_stitch(atlas: Atlas, small: int, large: int, result: dict[str, Any]) -> FreshStitch:
+    """Line a backend stitching result up with the atlas's stored values for the large SAE's latents."""
+    curve = pd.DataFrame(result.get("curve") or [], columns=["step", "action", "l0", "mse", "ce_loss"])
+    n = atlas.n_latents(large)
+    cols = {k: result.get(k) for k in ("kind", "delta_mse", "group_id") if isinstance(result.get(k), list)}
+    fresh = pd.DataFrame({k: v for k, v in cols.items() if len(v) == n})
+    fresh.insert(0, "latent", np.arange(n)[: len(fresh)] if len(fresh) else [])
+    stored = atlas.latents_table(large, ["latent", "label", "kind", "delta_mse"]).rename(
+        columns={"kind": "stored_kind", "delta_mse": "stored_delta_mse"})
+    table = stored.merge(fresh, on="latent", how="left") if len(fresh) else stored
+    table["label"] = table["label"].map(show_token)
+    corr = agree = None
+    if "delta_mse" in table:
+        both = table[["delta_mse", "stored_delta_mse"]].astype(float).dropna()
+        if len(both) > 2:
+            corr = float(both["delta_mse"].rank().corr(both["stored_delta_mse"].rank()))
+    if "kind" in table:
+        agree = float((table["kind"] == table["stored_kind"]).mean())
+    return FreshStitch(curve, table, result.get("n_tokens"), corr, agree)

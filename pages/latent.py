@@ -1,0 +1,133 @@
+"""Latent: one latent of one width — statistics, examples, meta-decomposition, radial graph and family."""
+
+import streamlit as st
+
+from metasae import app_state, plots, ui, views
+
+ctx, atlas = ui.require_atlas()
+
+try:
+    width, latent = app_state.resolve_latent(atlas, ui.param("width"), ui.param("latent"))
+    url_error = None
+except app_state.BadInput as e:
+    width, latent = app_state.default_width(atlas), 0
+    url_error = str(e)
+
+st.title(f"Latent {width}/{latent}" if not url_error else "Latent")
+# pickers, bound to the URL (?width=&latent=)
+c1, c2, _ = st.columns([1, 1, 3])
+ui.bind("pick_width", width)
+ui.bind("pick_latent", latent)
+c1.selectbox("Width", atlas.widths, key="pick_width", on_change=ui.to_url(
+    "pick_width", "width", also={"latent": lambda: min(int(st.session_state["pick_latent"]),
+                                                      atlas.n_latents(st.session_state["pick_width"]) - 1)}))
+c2.number_input("Latent", min_value=0, max_value=atlas.n_latents(width) - 1, step=1, key="pick_latent",
+                on_change=ui.to_url("pick_latent", "latent", encode=int, also={"width": width}))
+
+if url_error:
+    st.error(url_error)
+    st.stop()
+
+view = views.latent_view(atlas, width, latent)
+row = view.row
+st.markdown(f"### {view.label or '(no label)'}")
+kind = row.get("kind")
+if kind:
+    st.badge(kind, color="orange" if kind == "novel" else "blue",
+             help=f"against width {atlas.widths[atlas.widths.index(width) - 1]}")
+
+m = st.columns(6)
+m[0].metric("Density", views.fmt(row.get("density"), 3), help="fraction of tokens where it fires")
+m[1].metric("Mean act", views.fmt(row.get("mean_act"), 3))
+m[2].metric("Max act", views.fmt(row.get("max_act"), 3))
+for col, (name, value, help_) in zip(m[3:], views.effects(row)[:3], strict=False):
+    col.metric(name, views.fmt(value, 3), help=help_)
+
+left, right = st.columns([1, 1])
+with left, ui.guard():
+    st.subheader("Meta-decomposition")
+    dec = view.decomposition
+    if dec.empty:
+        st.info("The meta-SAE gives this latent no meta-latents.")
+    else:
+        st.plotly_chart(plots.decomposition_figure(dec), key="decomp")
+        st.dataframe(dec.assign(label=dec["label"].map(views.show_token)), hide_index=True,
+                     column_config={"weight": st.column_config.NumberColumn("weight", format="%.4f")})
+with right, ui.guard():
+    st.subheader("Activations")
+    st.plotly_chart(plots.histogram_figure(row.get("hist_counts"), row.get("hist_edges")), key="hist")
+    st.markdown("**Top boosted tokens** (through the unembedding)")
+    ui.chips(row.get("top_logits"))
+    st.markdown("**Top activating tokens**")
+    ui.chips(row.get("top_tokens"))
+
+st.subheader("Latent → meta-latents → latents that share them")
+with ui.guard():
+    graph = views.radial_graph(atlas, width, latent)
+    event = st.plotly_chart(plots.radial_figure(graph), key=f"radial-{ctx.key}-{width}-{latent}", on_select="rerun",
+                            selection_mode="points", config={"displayModeBar": False})
+    points = (event or {}).get("selection", {}).get("points", []) if event else []
+    if points:  # a click on a node: go there
+        node_id = points[0].get("customdata")
+        if node_id is not None and int(node_id) in graph.nodes.index and int(node_id) != 0:
+            page, params = views.node_params(graph.nodes.loc[int(node_id)])
+            st.switch_page(ui.PAGES[page], query_params=ui.link_params(**params))
+    st.caption("Click a node, or follow a link:")
+    metas = graph.nodes[graph.nodes["kind"] == "meta"]
+    cols = st.columns(max(len(metas), 1))
+    for col, (nid, node) in zip(cols, metas.iterrows(), strict=False):
+        with col:
+            ui.meta_link(node["meta_latent"], node["label"], extra=f" ({node['weight']:.2f})")
+            linked = {b for a, b, _ in graph.edges if a == nid}
+            for oid in sorted(linked):
+                o = graph.nodes.loc[oid]
+                ui.latent_link(o["sae_width"], o["latent"], o["label"])
+
+st.subheader("Family across the ladder")
+with ui.guard():
+    fam = view.family
+    f1, f2, f3 = st.columns(3)
+    with f1:
+        st.markdown("**Nearest in the smaller width**")
+        s = fam.get("smaller")
+        if s:
+            ui.latent_link(s["sae_width"], s["latent"], s["label"], extra=f"  (cos {views.fmt(s['cos'], 3)})")
+        else:
+            st.caption("— (smallest width)")
+    with f2:
+        st.markdown("**Nearest in the larger width**")
+        lg = fam.get("larger")
+        if lg:
+            ui.latent_link(lg["sae_width"], lg["latent"], lg["label"], extra=f"  (cos {views.fmt(lg['cos'], 3)})")
+        else:
+            st.caption("— (largest width)")
+        children = [c for c in fam.get("children") or [] if not lg or c["latent"] != lg["latent"]]
+        if children and lg:
+            st.caption("Other larger latents whose nearest smaller latent is this one:")
+            for c in children[:8]:
+                ui.latent_link(lg["sae_width"], c["latent"], c["label"], extra=f"  (cos {views.fmt(c['cos'], 3)})")
+    with f3:
+        st.markdown("**Swap group**")
+        group = [g for g in fam.get("group") or [] if g != latent]
+        if fam.get("group_id") is None:
+            st.caption("None: a novel latent is added on its own.")
+        else:
+            st.caption(f"group {fam['group_id']} · {len(fam.get('group') or [])} latents of width {width} "
+                       "swapped in together")
+            for g in group[:10]:
+                ui.latent_link(width, g, atlas.latent(width, g)["label"])
+    eff = views.effects(row)
+    if eff:
+        st.dataframe({"effect": [e[0] for e in eff], "value": [views.fmt(e[1], 4) for e in eff],
+                      "meaning": [e[2] for e in eff]}, hide_index=True)
+
+st.subheader("Top examples")
+with ui.guard():
+    if not view.examples:
+        st.info("No examples stored for this latent (it never fired on the corpus sample).")
+    scale = max([float(e.get("activation") or 0) for e in view.examples] + [0.0])
+    for ex in view.examples:
+        a, b = st.columns([1, 12])
+        a.markdown(f"`{views.fmt(ex.get('activation'), 3)}`")
+        b.markdown(views.example_html(ex.get("tokens") or [], ex.get("acts"), ex.get("position"), scale),
+                   unsafe_allow_html=True)

@@ -1,0 +1,102 @@
+"""Search: free text over labels, top tokens and example text; or latents by their meta-decomposition."""
+
+import streamlit as st
+
+from metasae import app_state, ui, views
+
+ctx, atlas = ui.require_atlas()
+st.title("Search latents")
+
+MODES = {"text": "Text", "meta": "By meta-latents"}
+problems: list[str] = []
+
+
+def url(fn, name, *args):
+    """A parsed URL parameter; a bad one is reported and ignored."""
+    try:
+        return fn(ui.param(name), *args)
+    except app_state.BadInput as e:
+        problems.append(str(e))
+        return None
+
+
+def csv(values):
+    return ",".join(map(str, values))
+
+
+mode = ui.param("mode") if ui.param("mode") in MODES else "text"
+ui.bind("s_mode", mode)
+st.segmented_control("Search", list(MODES), key="s_mode", format_func=MODES.get, required=True,
+                     label_visibility="collapsed", on_change=ui.to_url("s_mode", "mode", default="text"))
+
+if mode == "text":
+    q = ui.param("q") or ""
+    ui.bind("s_q", q[: app_state.MAX_QUERY_CHARS * 2])
+    st.text_input("Text: labels, top tokens and the tokens around each example's peak", key="s_q",
+                  placeholder="a word, a token, part of a label … e.g. einstein",
+                  on_change=ui.to_url("s_q", "q", default=""))
+else:
+    options = views.meta_options(atlas)
+    names = dict(options)
+    metas = [m for m in (url(app_state.parse_int_list, "metas", "Meta-latent") or []) if m in names]
+    minw = url(app_state.parse_float, "minw", "Minimum weight")
+    minw = 0.0 if minw is None else min(max(minw, 0.0), 10.0)
+    c1, c2 = st.columns([3, 1])
+    ui.bind("s_metas", metas)
+    c1.multiselect("Latents whose decomposition holds all of these meta-latents", [m for m, _ in options],
+                   key="s_metas", format_func=lambda m: names.get(m, str(m)), placeholder="pick meta-latents",
+                   on_change=ui.to_url("s_metas", "metas", encode=csv, default=[]))
+    ui.bind("s_minw", float(minw))
+    c2.number_input("each with weight ≥", min_value=0.0, max_value=10.0, step=0.05, key="s_minw",
+                    on_change=ui.to_url("s_minw", "minw", encode=lambda v: f"{v:g}", default=0.0))
+
+widths = [w for w in (url(app_state.parse_int_list, "w", "Width") or []) if w in atlas.widths]
+kinds = ["any", "novel", "reconstruction"]
+kind = ui.param("kind") if ui.param("kind") in kinds else "any"
+FILTERS = [("dmin", "min density"), ("dmax", "max density"), ("emin", "min ΔMSE"), ("emax", "max ΔMSE")]
+bounds = {name: url(app_state.parse_float, name, label) for name, label in FILTERS}
+active = bool(widths) or kind != "any" or any(v is not None for v in bounds.values())
+with st.expander("Filters" + (" (active)" if active else ""), expanded=active):
+    f1, f2 = st.columns(2)
+    ui.bind("s_widths", widths)
+    f1.multiselect("Widths", atlas.widths, key="s_widths", placeholder="all widths",
+                   on_change=ui.to_url("s_widths", "w", encode=csv, default=[]))
+    if mode == "text":
+        ui.bind("s_kind", kind)
+        f2.selectbox("Kind (against the next smaller width)", kinds, key="s_kind",
+                     on_change=ui.to_url("s_kind", "kind", default="any"))
+        for col, (name, label) in zip(st.columns(4), FILTERS, strict=True):
+            ui.bind(f"s_{name}", bounds[name])
+            col.number_input(label, value=None, key=f"s_{name}", format="%.2e", placeholder="—",
+                             on_change=ui.to_url(f"s_{name}", name, encode=lambda v: f"{v:g}"))
+
+for p in problems:
+    st.error(p)
+
+results = None
+with ui.guard():
+    index = ui.search_index(ui.atlas_key(ctx), atlas)
+    if mode == "text":
+        out = views.text_search(index, q, widths=widths, kind=None if kind == "any" else kind,
+                                min_density=bounds["dmin"], max_density=bounds["dmax"],
+                                min_delta_mse=bounds["emin"], max_delta_mse=bounds["emax"])
+    else:
+        out = views.meta_search(index, metas, minw, widths=widths)
+    if out.warning:
+        st.warning(out.warning)
+    if out.message:
+        st.info(out.message)
+    results = out.results
+
+if results is not None and len(results):
+    n = len(results)
+    st.markdown(f"**{n} latent{'s' if n != 1 else ''}**" + (" (the best 100)" if n >= 100 else ""))
+    for r in results.head(10).itertuples(index=False):
+        how = getattr(r, "match", "") or f"summed weight {r.score:.3f}"
+        ui.latent_link(r.sae_width, r.latent, r.label, extra=f"  — {how}")
+    table = ui.with_links(results.assign(label=results["label"].map(views.show_token)))
+    st.dataframe(table, hide_index=True, column_config={
+        **ui.LINK_COLUMN, "score": st.column_config.NumberColumn("score", format="%.3f"),
+        "density": st.column_config.NumberColumn("density", format="%.2e"),
+        "delta_mse": st.column_config.NumberColumn("ΔMSE", format="%.2e"),
+        "delta_ce": st.column_config.NumberColumn("ΔCE", format="%.2e")})

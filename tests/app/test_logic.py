@@ -1,0 +1,304 @@
+"""The dashboard's logic without Streamlit: URL parsing, atlas sources, page data, figures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+
+from metasae import app_state, plots, views
+from metasae.app_state import BadInput, Term
+from metasae.atlas import Atlas, AtlasError
+from metasae.search import SearchIndex
+from metasae.synthetic_atlas import PLANTED
+
+
+@pytest.fixture(scope="module")
+def atlas(synthetic_atlas) -> Atlas:
+    return Atlas.open(synthetic_atlas)
+
+
+@pytest.fixture(scope="module")
+def index(atlas) -> SearchIndex:
+    return SearchIndex(atlas)
+
+
+# --------------------------------------------------------------------------------------------- sources
+
+
+def test_sources_from_args_env_and_bundled(tmp_path):
+    bundled = tmp_path / "data"
+    bundled.mkdir()
+    a, b = tmp_path / "one", tmp_path / "two" / "atlas"
+    b.mkdir(parents=True)
+    srcs = app_state.sources_from(["app.py", "--atlas", str(a), f"--atlas={b},user/my-atlas@v2"],
+                                  {"METASAE_ATLAS": f"{a}, hf://org/thing"}, bundled=bundled)
+    assert [(s.key, s.kind) for s in srcs] == [("one", "folder"), ("two", "folder"), ("my-atlas", "hub"),
+                                               ("thing", "hub")]  # a given twice is listed once
+    assert not any(s.bundled for s in srcs)  # data/ holds no manifest: not listed when others are
+    (bundled / "manifest.json").write_text("{}")
+    srcs = app_state.sources_from([], {"METASAE_ATLAS": str(a)}, bundled=bundled)
+    assert [s.title for s in srcs] == ["one", "data (bundled demo)"]
+    only = app_state.sources_from(["-q", "tests"], {}, bundled=tmp_path / "missing")
+    assert len(only) == 1 and only[0].bundled
+    dup = app_state.sources_from([], {"METASAE_ATLAS": f"{tmp_path}/x/a,{tmp_path}/y/a"}, bundled=bundled)
+    assert [s.key for s in dup][:2] == ["a", "a-2"]
+
+
+def test_classify_paths_and_hub_ids(tmp_path):
+    assert app_state.classify("owner/name") == "hub"
+    assert app_state.classify("hf://owner/name@main") == "hub"
+    assert app_state.classify(str(tmp_path)) == "folder"
+    assert app_state.classify("./rel/path") == "folder"
+    assert app_state.classify("a/b/c") == "folder"
+
+
+def test_open_source_messages(tmp_path, synthetic_atlas, monkeypatch):
+    missing = app_state.AtlasSource(str(tmp_path / "data"), "data", "folder", bundled=True)
+    with pytest.raises(AtlasError, match="bundled demo atlas is not in"):
+        app_state.open_source(missing)
+    with pytest.raises(AtlasError, match="no such folder"):
+        app_state.open_source(app_state.AtlasSource(str(tmp_path / "x"), "x", "folder"))
+    assert app_state.open_source(app_state.AtlasSource(str(synthetic_atlas), "p", "folder")).widths == [64, 128, 256]
+
+    import metasae.hub as hub
+
+    seen = {}
+
+    def fake_pull(repo_id, revision=None, **kw):
+        seen.update(repo=repo_id, revision=revision)
+        raise AtlasError(f"{repo_id}: could not download")
+
+    monkeypatch.setattr(hub, "pull", fake_pull)
+    with pytest.raises(AtlasError, match="could not download"):
+        app_state.open_source(app_state.AtlasSource("hf://org/atlas@v1", "atlas", "hub"))
+    assert seen == {"repo": "org/atlas", "revision": "v1"}
+
+
+def test_pick_source():
+    srcs = [app_state.AtlasSource("/a", "a", "folder"), app_state.AtlasSource("/b", "b", "folder")]
+    assert app_state.pick_source(srcs, None).key == "a"
+    assert app_state.pick_source(srcs, "b").key == "b"
+    with pytest.raises(BadInput, match="no atlas named 'zz'"):
+        app_state.pick_source(srcs, "zz")
+
+
+# --------------------------------------------------------------------------------------------- URL parsing
+
+
+def test_parse_numbers():
+    assert app_state.parse_int(None, "x") is None and app_state.parse_int(" 12 ", "x") == 12
+    assert app_state.parse_float("1e-3", "x") == 1e-3 and app_state.parse_float("", "x") is None
+    assert app_state.parse_int_list("64, 128,", "w") == [64, 128]
+    for bad in ["1.5", "abc", "1" * 20, "0x10", "1;DROP"]:
+        with pytest.raises(BadInput, match="not a whole number"):
+            app_state.parse_int(bad, "Latent")
+    for bad in ["nan", "inf", "abc", "1" * 50]:
+        with pytest.raises(BadInput, match="not a number"):
+            app_state.parse_float(bad, "x")
+
+
+def test_resolve_latent_meta_pair(atlas):
+    assert app_state.resolve_latent(atlas, None, None) == (128, 0)
+    assert app_state.resolve_latent(atlas, "256", "42") == (256, 42)
+    with pytest.raises(BadInput, match=r"Latent 256 is not in width 256 \(it has 256 latents, numbered 0 to 255\)"):
+        app_state.resolve_latent(atlas, "256", "256")
+    with pytest.raises(BadInput, match="Width 100 is not in this atlas"):
+        app_state.resolve_latent(atlas, "100", "1")
+    assert app_state.resolve_meta(atlas, "3") == 3 and app_state.resolve_meta(atlas, None) == 0
+    with pytest.raises(BadInput, match="Meta-latent 32 is not in this atlas"):
+        app_state.resolve_meta(atlas, "32")
+    assert app_state.resolve_pair(atlas, None) == (64, 128)
+    assert app_state.resolve_pair(atlas, "128-256") == (128, 256)
+    with pytest.raises(BadInput, match="Pair 64-256 is not in this atlas"):
+        app_state.resolve_pair(atlas, "64-256")
+
+
+def test_clean_query():
+    assert app_state.clean_query("  Einstein\n") == ("Einstein", None)
+    q, warning = app_state.clean_query("x" * 10_000)
+    assert len(q) == 500 and "10,000 characters" in warning
+    assert app_state.clean_query("a\x00b\u200bc")[0] == "a b c"
+
+
+def test_parse_direction(atlas):
+    assert app_state.parse_direction("128:7 - 0.5*64:2 + 256/42") == [
+        Term(1.0, 128, 7), Term(-0.5, 64, 2), Term(1.0, 256, 42)]
+    for bad, msg in [("", "Type a direction"), ("128:7 64:2", "Cannot read"), ("__import__('os')", "Cannot read"),
+                     ("1:1+" * 200, "characters long"), (" + ".join(["64:1"] * 17), "at most 16")]:
+        with pytest.raises(BadInput, match=msg):
+            app_state.parse_direction(bad)
+    with pytest.raises(BadInput, match="Latent 999 is not in width 64"):
+        app_state.parse_direction("64:999", atlas)
+
+
+def test_parse_vector():
+    assert app_state.parse_vector("[1, 2.5\n-3]", 3) == [1.0, 2.5, -3.0]
+    for text, msg in [("", "Paste 3 numbers"), ("1, x, 3", "'x' in the pasted vector"), ("1 nan 2", "NaN"),
+                      ("1 2", "has 2 numbers")]:
+        with pytest.raises(BadInput, match=msg):
+            app_state.parse_vector(text, 3)
+
+
+# --------------------------------------------------------------------------------------------- views
+
+
+def test_show_token_and_html_escaping():
+    assert views.show_token("\u0120Einstein") == " Einstein"
+    assert views.show_token("a\nb\x06") == "a⏎b\\x06"
+    chips = views.token_chips([" <script>alert(1)</script>", "x"])
+    assert "<script>" not in chips and "␣&lt;script&gt;" in chips
+    html = views.example_html(["<b>", " Einstein", "'"], [0.0, 2.0, 1.0], 1, 2.0)
+    assert "&lt;b&gt;" in html and "rgba(255,140,0,1.00)" in html and "outline" in html and "&#x27;" in html
+    assert views.fmt(None) == "—" and views.fmt(1234) == "1,234" and views.fmt(-0.000439, 3) == "-4.4e-04"
+
+
+def test_overview_data(atlas):
+    ladder = views.ladder_table(atlas)
+    assert list(ladder.columns) == ["width", "latents", "l0", "mse", "fvu", "ce_loss", "ce_delta"]
+    assert list(ladder["latents"]) == [64, 128, 256]
+    pairs = views.pair_summaries(atlas)
+    assert list(pairs["pair"]) == ["64→128", "128→256"] and pairs["novel_frac"].between(0, 1).all()
+    cos = views.max_cos(atlas)
+    assert sorted(cos) == [128, 256] and len(cos[128]) == 128
+    found = views.findings(atlas)
+    assert found["meta_var_explained"] == pytest.approx(0.48) and found["threshold"] == 0.7
+    assert set(views.curves(atlas)) == {(64, 128), (128, 256)}
+
+
+def test_latent_view_and_radial_graph(atlas):
+    e = PLANTED["einstein"]
+    v = views.latent_view(atlas, e["width"], e["latent"])
+    assert v.label == "Albert Einstein physicist" and list(v.decomposition["meta_latent"]) == [3, 11, 5, 20]
+    assert v.family["smaller"]["latent"] == 2 and len(v.examples) == 5
+    g = views.radial_graph(atlas, 128, 7, n_meta=4, n_each=3)
+    n = g.nodes
+    assert n.loc[0, "kind"] == "center" and list(n[n.kind == "meta"]["meta_latent"]) == [3, 11, 5, 20]
+    others = n[n.kind == "latent"]
+    assert 0 < len(others) <= 12 and not ((others.sae_width == 128) & (others.latent == 7)).any()
+    assert not others.duplicated(["sae_width", "latent"]).any()
+    # every member node hangs off at least one meta node, and edges only join existing nodes
+    meta_ids = set(n[n.kind == "meta"].index)
+    assert all(any(a in meta_ids and b == i for a, b, _ in g.edges) for i in others.index)
+    assert views.node_params(n.loc[1]) == ("meta_latent", {"meta": "3"})
+    assert views.node_params(others.iloc[0])[0] == "latent"
+    # Curie (256/42) shares meta-latents 3 and 11 with Einstein: one node, two edges
+    curie = n[(n.sae_width == 256) & (n.latent == 42)]
+    if len(curie):
+        assert sum(b == curie.index[0] for _, b, _ in g.edges) >= 2
+
+
+def test_meta_view(atlas):
+    mv = views.meta_view(atlas, 3)
+    assert mv.label == "science" and list(mv.per_width["sae_width"]) == [64, 128, 256]
+    assert int(mv.per_width["members"].sum()) == len(mv.members)
+    assert 3 not in set(mv.cooccurring["meta_latent"])
+    assert views.meta_options(atlas)[3] == (3, "3 · science")
+
+
+def test_search_views(index):
+    res = views.text_search(index, "einstein")
+    assert res.results.iloc[0][["sae_width", "latent"]].tolist() == [128, 7] and res.message is None
+    assert "Type a word" in views.text_search(index, "   ").message
+    for hostile in ["'; DROP TABLE latents; --", "\ud800", "日本語", "a" * 10_000, "((((", "\\"]:
+        out = views.text_search(index, hostile)
+        assert out.results.empty and ("No latent matches" in out.message or "Type a word" in out.message)
+    with pytest.raises(BadInput, match="minimum density"):
+        views.text_search(index, "x", min_density=1.0, max_density=0.1)
+    res = views.meta_search(index, [3, 11], 0.2)
+    assert res.results[["sae_width", "latent"]].values.tolist()[:2] == [[128, 7], [256, 42]]
+    with pytest.raises(BadInput, match="meta-latent 99"):
+        views.meta_search(index, [99])
+
+
+def test_stitching_views(atlas):
+    t = views.stitching_table(atlas, 64, 128)
+    assert len(t) == 128 and set(t["kind"]) == {"novel", "reconstruction"}
+    assert views.stitching_table(atlas, 64, 128, "novel")["kind"].eq("novel").all()
+    with pytest.raises(BadInput, match="neighbouring"):
+        views.stitching_table(atlas, 64, 256)
+    s = views.pair_summary(atlas, 64, 128)
+    assert 0 < s["novel_frac"] < 1 and s["n_add"] + s["n_swap"] == len(atlas.stitching_curve(64, 128)) - 1
+    assert -1 <= s["attr_spearman"] <= 1
+    assert 7 in views.group_members(atlas, 128, 2)
+
+
+def test_live_views(atlas):
+    meta = views.load_meta_sae(atlas)
+    dec = {128: views.load_decoder(atlas, 128), 64: views.load_decoder(atlas, 64)}
+    assert dec[128].shape == (128, 32)
+    v = views.compose([Term(1.0, 128, 7), Term(-0.5, 64, 2)], dec)
+    assert np.allclose(v, dec[128][7] - 0.5 * dec[64][2])
+    live = views.encode_live(atlas, meta, dec[128][7])
+    assert list(live.columns) == ["meta_latent", "weight", "label"] and (live["weight"] > 0).all()
+    with pytest.raises(BadInput, match="dimension"):
+        views.encode_live(atlas, meta, np.ones(5))
+    exp = views.expected_decomposition(atlas, [Term(1.0, 128, 7), Term(-0.5, 64, 2)])
+    assert dict(zip(exp["meta_latent"], exp["weight"].round(4), strict=True))[3] == pytest.approx(0.2)
+    cmp = views.compare(atlas.decomposition(128, 7), live)
+    assert {"meta_latent", "label", "stored", "live", "difference"} <= set(cmp.columns)
+    assert np.allclose(cmp["difference"], cmp["live"] - cmp["stored"])
+
+
+def test_weightless_atlas_says_so(tmp_path):
+    from metasae.synthetic_atlas import make_synthetic_atlas
+
+    a = Atlas.open(make_synthetic_atlas(tmp_path / "w", widths=(16, 32), n_meta=8, plant=False,
+                                        with_weights=False))
+    with pytest.raises(AtlasError, match="without SAE weights"):
+        views.load_meta_sae(a)
+
+
+def test_activations_table():
+    res = {"tokens": ["Al", "bert"], "top": [[{"latent": 3, "activation": 1.5, "label": "x"}],
+                                             [{"latent": 4, "activation": 0.5, "label": "y"},
+                                              {"latent": 3, "activation": 0.2, "label": "x"}]]}
+    t = views.activations_table(res)
+    assert t[["position", "latent", "rank"]].values.tolist() == [[0, 3, 0], [1, 4, 0], [1, 3, 1]]
+    assert views.activations_table({}).empty
+
+
+def test_get_backend_reports_why(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "metasae.backend.client", None)  # import fails
+    backend, why = views.get_backend()
+    assert backend is None and why.startswith("Backend unavailable")
+
+
+# --------------------------------------------------------------------------------------------- plots
+
+
+def test_figures(atlas):
+    ladder = views.ladder_table(atlas)
+    f = plots.ladder_figure(ladder, views.curves(atlas))
+    assert isinstance(f, go.Figure) and [t.name for t in f.data] == ["stitch 64→128", "stitch 128→256", "SAEs"]
+    assert len(plots.novel_fraction_figure(views.pair_summaries(atlas)).data) == 1
+    assert len(plots.max_cos_figure(views.max_cos(atlas), 0.7).data) == 2
+    row = atlas.latent(128, 7)
+    h = plots.histogram_figure(row["hist_counts"], row["hist_edges"])
+    assert len(h.data[0].x) == len(row["hist_edges"])
+    assert plots.histogram_figure(None, None).layout.annotations
+    logh = plots.histogram_figure([1, 2, 3], [0.1, 1, 10, 100])
+    assert logh.layout.xaxis.type == "log"
+    dec = plots.decomposition_figure(atlas.decomposition(128, 7))
+    assert list(dec.data[0].x) == pytest.approx([0.05, 0.15, 0.3, 0.5])
+    g = views.radial_graph(atlas, 128, 7)
+    rf = plots.radial_figure(g)
+    nodes = [t for t in rf.data if t.customdata is not None]
+    assert sorted(int(i) for t in nodes for i in t.customdata) == list(g.nodes.index)
+    curve = atlas.stitching_curve(64, 128)
+    assert {t.name for t in plots.stitch_path_figure(curve, 64, 128).data} >= {"add", "swap"}
+    assert len(plots.stitch_ce_figure(curve, 64, 128).data) == 1
+    assert plots.stitch_path_figure(curve.iloc[0:0], 64, 128).layout.annotations
+    table = views.stitching_table(atlas, 64, 128)
+    assert {t.name for t in plots.delta_scatter(table).data} == {"novel", "reconstruction"}
+    mv = views.meta_view(atlas, 3)
+    assert len(plots.members_figure(mv.per_width).data) == 1 and len(plots.cooccur_figure(mv.cooccurring).data) == 1
+    cmp = views.compare(atlas.decomposition(128, 7), atlas.decomposition(256, 42))
+    assert len(plots.compare_figure(cmp).data) == 2
+    acts = pd.DataFrame({"position": [0, 1, 1], "token": ["a", "b", "b"], "rank": [0, 0, 1],
+                         "latent": [3, 4, 3], "activation": [1.0, 0.5, 0.2], "label": ["x", "y", "x"]})
+    hm = plots.token_latent_heatmap(acts)
+    assert np.asarray(hm.data[0].z).shape == (2, 2)

@@ -1,0 +1,308 @@
+"""Every dashboard page through Streamlit's AppTest, on the planted synthetic atlas, with asserted values."""
+
+from __future__ import annotations
+
+import pytest
+
+from metasae.synthetic_atlas import PLANTED, PLANTED_META
+from tests.app.conftest import PAGES, links, texts
+
+EINSTEIN = PLANTED["einstein"]  # width 128, latent 7, "Albert Einstein physicist"
+CURIE = PLANTED["curie"]
+
+
+def test_overview_tells_the_two_findings(synthetic_atlas, run_page):
+    at = run_page(synthetic_atlas)
+    assert at.title[0].value == "Are SAE latents canonical units?"
+    text = texts(at)
+    assert "Bigger SAEs do not just refine smaller ones" in text and "Latents are not atomic" in text
+    assert "Latents: 448" in text  # 64 + 128 + 256
+    ladder = at.dataframe[0].value
+    assert list(ladder["width"]) == [64, 128, 256]
+    assert list(ladder["latents"]) == [64, 128, 256]
+    assert ladder["l0"].notna().all() and ladder["mse"].is_monotonic_decreasing
+    assert not at.error
+
+
+def test_latent_deep_link_shows_label_decomposition_family(synthetic_atlas, run_page):
+    at = run_page(synthetic_atlas, "latent", width="128", latent="7")
+    assert at.title[0].value == "Latent 128/7"
+    assert at.selectbox(key="pick_width").value == 128 and at.number_input(key="pick_latent").value == 7
+    text = texts(at)
+    assert "Albert Einstein physicist" in text
+    dec = at.dataframe[0].value
+    assert list(dec["meta_latent"]) == [3, 11, 5, 20]
+    assert [round(float(w), 4) for w in dec["weight"]] == [0.5, 0.3, 0.15, 0.05]
+    assert list(dec["label"]) == [PLANTED_META[m] for m in (3, 11, 5, 20)]
+    lk = links(at)
+    # radial graph: a link per meta-latent node (with its weight) and per member-latent node
+    assert ("meta_latent", "meta-latent 3 · science (0.50)", "meta=3") in lk
+    assert any(page == "latent" and q.startswith("width=") and "latent=7" not in q for page, _, q in lk)
+    # family: nearest smaller (64/2 physics, cos 0.97) and larger (256/42 Curie, cos 0.96)
+    assert ("latent", "64/2 · physics and physicists  (cos 0.97)", "width=64&latent=2") in lk
+    assert ("latent", "256/42 · Marie Curie chemist  (cos 0.96)", "width=256&latent=42") in lk
+    assert "reconstruction" in text and not at.error
+
+
+def test_latent_default_and_pickers_write_the_url(synthetic_atlas, run_page):
+    at = run_page(synthetic_atlas, "latent")
+    assert at.title[0].value == "Latent 128/0"
+    at.selectbox(key="pick_width").set_value(256).run()
+    at.number_input(key="pick_latent").set_value(CURIE["latent"]).run()
+    assert at.query_params["width"] == ["256"] or at.query_params["width"] == "256"
+    assert str(at.query_params["latent"]).strip("[]'") == "42"
+    assert at.title[0].value == "Latent 256/42" and "Marie Curie chemist" in texts(at)
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"width": "999", "latent": "1"}, "Width 999 is not in this atlas (widths: 64, 128, 256)"),
+    ({"width": "128", "latent": "100000"}, "Latent 100000 is not in width 128 (it has 128 latents"),
+    ({"width": "128", "latent": "-3"}, "Latent -3 is not in width 128"),
+    ({"width": "abc", "latent": "7"}, "Width 'abc' in the URL is not a whole number"),
+    ({"width": "128", "latent": "7; DROP TABLE"}, "is not a whole number"),
+])
+def test_latent_bad_url_gives_a_message(synthetic_atlas, run_page, params, message):
+    at = run_page(synthetic_atlas, "latent", **params)
+    assert [e.value for e in at.error] and message in at.error[0].value
+    assert at.title[0].value == "Latent"
+
+
+def test_meta_latent_page(synthetic_atlas, run_page):
+    at = run_page(synthetic_atlas, "meta_latent", meta="3")
+    assert at.title[0].value == "Meta-latent 3"
+    text = texts(at)
+    assert "science" in text
+    lk = links(at)
+    # the planted members, with their weights
+    members = at.dataframe[0].value
+    weight = {(int(w), int(i)): round(float(x), 4)
+              for w, i, x in zip(members["sae_width"], members["latent"], members["weight"], strict=True)}
+    assert weight[(128, 7)] == 0.5 and weight[(256, 42)] == 0.4 and weight[(64, 2)] == 0.6
+    assert members["weight"].is_monotonic_decreasing
+    assert members["open"].iloc[0].startswith("latent?width=")
+    assert ("latent", "64/2 · physics and physicists  (weight 0.600)", "width=64&latent=2") in lk
+    assert any(page == "meta_latent" and "shared" in label for page, label, _ in lk)  # co-occurring
+    assert not at.error
+
+
+def test_meta_latent_width_filter_and_bad_urls(synthetic_atlas, run_page):
+    at = run_page(synthetic_atlas, "meta_latent", meta="3", mw="128")
+    assert set(at.dataframe[0].value["sae_width"]) == {128}
+    for bad, message in [("9999", "Meta-latent 9999 is not in this atlas"), ("x'--", "is not a whole number")]:
+        at = run_page(synthetic_atlas, "meta_latent", meta=bad)
+        assert message in at.error[0].value
+
+
+def test_search_returns_the_planted_latent_first(synthetic_atlas, run_page):
+    at = run_page(synthetic_atlas, "search", q="einstein")
+    page, label, query = links(at)[0]
+    assert (page, query) == ("latent", "width=128&latent=7")
+    assert label.startswith("128/7 · Albert Einstein physicist")
+    assert at.dataframe[0].value["label"].iloc[0] == "Albert Einstein physicist"
+    # example text: the hidden latent's marker token occurs only in its examples
+    at = run_page(synthetic_atlas, "search", q="zyzzogeton")
+    assert links(at)[0][2] == "width=64&latent=5" and "example" in links(at)[0][1]
+
+
+def test_search_typing_a_query_updates_url_and_results(synthetic_atlas, run_page):
+    at = run_page(synthetic_atlas, "search")
+    assert "Type a word" in at.info[0].value  # empty search: a message, no table
+    at.text_input(key="s_q").input("curie").run()
+    assert str(at.query_params["q"]).strip("[]'") == "curie"
+    assert links(at)[0][2] == "width=256&latent=42"
+
+
+def test_search_filters(synthetic_atlas, run_page):
+    at = run_page(synthetic_atlas, "search", q="physic", w="64")
+    assert [q for _, _, q in links(at)] == ["width=64&latent=2"]
+    at = run_page(synthetic_atlas, "search", q="physic", kind="reconstruction")
+    assert [q for _, _, q in links(at)] == ["width=128&latent=7"]
+    at = run_page(synthetic_atlas, "search", q="physic", dmin="abc")
+    assert "min density 'abc' in the URL is not a number" in at.error[0].value
+
+
+def test_search_by_meta_decomposition(synthetic_atlas, run_page):
+    at = run_page(synthetic_atlas, "search", mode="meta", metas="3,11", minw="0.2")
+    assert [q for _, _, q in links(at)][:2] == ["width=128&latent=7", "width=256&latent=42"]
+    assert at.multiselect(key="s_metas").value == [3, 11]
+    at = run_page(synthetic_atlas, "search", mode="meta")
+    assert "Pick one or more meta-latents" in at.info[0].value
+
+
+@pytest.mark.parametrize("query", [
+    "'; DROP TABLE latents; --", '" OR 1=1 --', "a" * 10_000, "日本語 🙂 \u202e", ".*(a+)+$", "   ", "%00\\x00",
+])
+def test_search_hostile_input_is_plain_text(synthetic_atlas, run_page, query):
+    at = run_page(synthetic_atlas, "search", q=query)
+    text = texts(at)
+    assert "No latent matches" in text or "Type a word" in text
+    if len(query) > 500:
+        assert "only its first 500 are searched" in at.warning[0].value
+    assert not at.error
+
+
+def test_stitching_page(synthetic_atlas, run_page):
+    at = run_page(synthetic_atlas, "stitching")
+    assert at.selectbox(key="st_pair").value == "64-128"
+    text = texts(at)
+    assert "Latents of width 128" in text and "Novel latents:" in text
+    table = at.dataframe[0].value
+    assert len(table) == 128 and set(table["kind"]) == {"novel", "reconstruction"}
+    einstein = table[table["latent"] == 7].iloc[0]
+    assert einstein["kind"] == "reconstruction" and einstein["nearest_smaller"] == 2
+    at = run_page(synthetic_atlas, "stitching", pair="128-256", kind="novel")
+    table = at.dataframe[0].value
+    assert len(table) and set(table["kind"]) == {"novel"} and 100 in set(table["latent"])  # quantum (novel)
+    assert not at.error
+
+
+@pytest.mark.parametrize("pair, message", [("1-2", "Pair 1-2 is not in this atlas (pairs: 64-128, 128-256)"),
+                                           ("abc", "should look like 'small-large'")])
+def test_stitching_bad_pair(synthetic_atlas, run_page, pair, message):
+    at = run_page(synthetic_atlas, "stitching", pair=pair)
+    assert message in at.error[0].value
+
+
+class FakeBackend:
+    """The Backend contract (metasae/backend/contract.py) answered in memory."""
+
+    def __init__(self, model: str = "synthetic"):
+        self.model, self.started = model, []
+
+    def health(self) -> dict:
+        return {"status": "ready", "device": "cpu", "model": self.model}
+
+    def activations(self, text: str, width: int, top_k: int = 5) -> dict:
+        tokens = text.split()
+        return {"tokens": tokens, "top": [[{"latent": (7 * i + r) % width, "activation": 2.0 - r, "label": f"l{r}"}
+                                           for r in range(2)] for i in range(len(tokens))]}
+
+    def start_stitch(self, small, large, *, text=None, n_tokens=None, metrics=("mse", "ce")) -> dict:
+        assert (text is None) != (n_tokens is None)  # the service takes exactly one
+        self.started.append((small, large, text, n_tokens))
+        return {"job_id": "job-1", "status": "queued"}
+
+    def job(self, job_id: str) -> dict:
+        small, large = self.started[-1][:2]
+        result = {"n_tokens": 4096, "kind": ["novel"] * large, "delta_mse": [-1e-4] * large,
+                  "curve": [{"step": 0, "action": "start", "l0": 20.0, "mse": 0.2, "ce_loss": 3.2},
+                            {"step": 1, "action": "add", "l0": 28.0, "mse": 0.16, "ce_loss": None}]}
+        return {"id": job_id, "status": "done", "progress": 1.0, "message": "done", "result": result}
+
+    def cancel(self, job_id: str) -> dict:
+        return self.job(job_id)
+
+
+@pytest.fixture
+def backend(monkeypatch):
+    """Replace the backend the pages get: yields a setter taking a backend object or a reason string."""
+    import metasae.ui as ui
+    import metasae.views as views
+
+    def use(value):
+        answer = (None, value) if isinstance(value, str) else (value, None)
+        monkeypatch.setattr(views, "get_backend", lambda *a, **k: answer)
+        ui._backend.clear()
+
+    yield use
+    ui._backend.clear()
+
+
+def test_stitching_fresh_evaluation_without_backend_says_so(synthetic_atlas, run_page, backend):
+    backend("Backend unavailable: test")
+    at = run_page(synthetic_atlas, "stitching")
+    at.button[0].click().run()  # the form's submit button
+    assert "Backend unavailable: test" in texts(at)
+
+
+def test_stitching_fresh_evaluation_through_the_backend(synthetic_atlas, run_page, backend):
+    fake = FakeBackend()
+    backend(fake)
+    at = run_page(synthetic_atlas, "stitching", pair="64-128")
+    at.button[0].click().run()
+    assert not at.exception and fake.started == [(64, 128, None, 8192)]
+    assert "Fresh evaluation on 4,096 tokens" in at.success[0].value
+    fresh = at.dataframe[-1].value
+    assert len(fresh) == 128 and {"kind", "stored_kind", "delta_mse", "stored_delta_mse"} <= set(fresh.columns)
+
+
+def test_backend_for_another_model_is_refused(synthetic_atlas, run_page, backend):
+    backend(FakeBackend(model="gpt2"))
+    at = run_page(synthetic_atlas, "live", text="a b", tw="64")
+    assert "serves an atlas of model 'gpt2'" in at.warning[0].value
+
+
+def test_live_decoder_row_compares_with_stored(synthetic_atlas, run_page):
+    at = run_page(synthetic_atlas, "live", width="128", latent="7", timeout=120)
+    cmp = at.dataframe[0].value
+    stored = {int(m): round(float(w), 4) for m, w in zip(cmp["meta_latent"], cmp["stored"], strict=True)}
+    assert {m: stored[m] for m in (3, 11, 5, 20)} == {3: 0.5, 11: 0.3, 5: 0.15, 20: 0.05}
+    assert (cmp["live"] >= 0).all() and (cmp["live"] > 0).any()
+    assert "Albert Einstein physicist" in texts(at)
+    assert not at.error
+
+
+def test_live_composed_direction_and_vector(synthetic_atlas, run_page):
+    at = run_page(synthetic_atlas, "live", src="expr", expr="128:7 - 0.5*64:2", timeout=120)
+    cmp = at.dataframe[0].value
+    expected = {int(m): round(float(w), 4) for m, w in zip(cmp["meta_latent"], cmp["stored"], strict=True)}
+    assert expected[3] == round(0.5 - 0.5 * 0.6, 4)  # 3 is in both decompositions
+    at = run_page(synthetic_atlas, "live", src="expr", expr="128:7 + 999:1")
+    assert "Width 999 is not in this atlas" in at.error[0].value
+    at = run_page(synthetic_atlas, "live", src="expr", expr="128:7 ; import os")
+    assert "Cannot read the direction" in at.error[0].value
+    at = run_page(synthetic_atlas, "live", src="vector", vec=",".join(["0.1"] * 32))
+    assert not at.error and "the meta-SAE gives" in texts(at)
+    at = run_page(synthetic_atlas, "live", src="vector", vec="1, 2, 3")
+    assert "has 3 numbers; this atlas's model has d_model = 32" in at.error[0].value
+
+
+def test_live_text_without_backend_says_so(synthetic_atlas, run_page, backend):
+    backend("Backend unavailable: test")
+    at = run_page(synthetic_atlas, "live", text="Albert Einstein", tw="128")
+    assert "Backend unavailable: test" in [w.value for w in at.warning]
+
+
+def test_live_text_through_the_backend(synthetic_atlas, run_page, backend):
+    backend(FakeBackend())
+    at = run_page(synthetic_atlas, "live", text="Albert Einstein was", tw="128")
+    acts = at.dataframe[-1].value
+    assert list(acts["token"].unique()) == ["Albert", "Einstein", "was"] and len(acts) == 6
+    assert at.selectbox(key="lv_tw").value == 128 and not at.error
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_missing_atlas_gives_a_message_on_every_page(tmp_path, run_page, page):
+    at = run_page(tmp_path / "nowhere", page)
+    assert "no such folder" in at.error[0].value
+
+
+@pytest.mark.parametrize("page", ["overview", "latent"])
+def test_corrupt_atlas_gives_a_message(corrupt_atlas, run_page, page):
+    at = run_page(corrupt_atlas, page)
+    msg = at.error[0].value
+    assert "not a usable atlas" in msg and "latents.parquet" in msg
+
+
+def test_missing_bundled_atlas_says_how_to_build_it(tmp_path, run_page, monkeypatch):
+    import metasae.app_state as app_state
+
+    monkeypatch.setattr(app_state, "BUNDLED_DIR", tmp_path / "data")
+    at = run_page("", "overview")
+    assert "The bundled demo atlas is not in" in at.error[0].value
+    assert "metasae build --preset demo --out data" in at.error[0].value
+
+
+def test_several_atlases_switch_in_sidebar(synthetic_atlas, tmp_path, run_page):
+    from metasae.synthetic_atlas import make_synthetic_atlas
+
+    other = make_synthetic_atlas(tmp_path / "other", widths=(16, 32), n_meta=8, plant=False, with_weights=False)
+    at = run_page(f"{synthetic_atlas},{other}", "latent", width="128", latent="7")
+    box = at.sidebar.selectbox(key="atlas_pick")
+    assert box.options == ["planted", "other"] and box.value == "planted"
+    assert "Albert Einstein physicist" in texts(at)
+    assert all("atlas=planted" in q for _, _, q in links(at))  # links keep the atlas
+    at = run_page(f"{synthetic_atlas},{other}", "latent", atlas="other", width="32", latent="3")
+    assert at.title[0].value == "Latent 32/3" and at.sidebar.selectbox(key="atlas_pick").value == "other"
+    at = run_page(f"{synthetic_atlas},{other}", "overview", atlas="nope")
+    assert "There is no atlas named 'nope' here" in at.warning[0].value

@@ -1,0 +1,190 @@
+"""The dashboard in a real browser: headless Debian Chromium (Playwright) against `streamlit run app.py`.
+
+Opens every page on the planted synthetic atlas, follows a search result and a radial-graph link, checks the
+URL, the content and the back button, and saves one screenshot per page to docs/screenshots/ (or to
+$METASAE_SCREENSHOT_DIR). Skips when /usr/bin/chromium is missing (`apt-get install -y chromium` as root;
+scripts/setup.sh does it).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = Path("/usr/bin/chromium")
+SHOTS = Path(os.environ.get("METASAE_SCREENSHOT_DIR") or ROOT / "docs" / "screenshots")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TIMEOUT_MS = 90_000  # a 2-core machine busy with other work can be slow to draw a page the first time
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
+                                                     "(apt-get install -y chromium, as root; scripts/setup.sh)"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`streamlit run app.py` on a planted synthetic atlas; yields its base URL."""
+    from metasae.synthetic_atlas import make_synthetic_atlas
+
+    atlas = make_synthetic_atlas(tmp_path_factory.mktemp("browser") / "planted")
+    port = _free_port()
+    log = tmp_path_factory.mktemp("logs") / "streamlit.log"
+    env = {**os.environ, "METASAE_ATLAS": str(atlas), "OMP_NUM_THREADS": "1"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+             "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
+             "--server.fileWatcherType", "none"],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(base + "/_stcore/health", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"streamlit did not start:\n{log.read_text(errors='replace')[-3000:]}")
+                time.sleep(0.3)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def page(server: str):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+        pg.set_default_timeout(TIMEOUT_MS)
+        yield pg
+        browser.close()
+
+
+def main_text(page) -> str:
+    return page.locator("[data-testid='stMain']").inner_text()
+
+
+def wait_quiet(page, charts: int = 0) -> None:
+    """Wait until Streamlit has finished the run (no running indicator) and `charts` plotly charts are drawn."""
+    if charts:
+        page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot .main-svg').length >= {charts}")
+    page.wait_for_function("!document.querySelector('[data-testid=stStatusWidget] [data-testid=stStatusWidgetRunningIcon]')"
+                           " && !document.querySelector('[data-testid=stSpinner]')")
+    page.wait_for_timeout(800)
+
+
+def shot(page, name: str) -> None:
+    """A full-height screenshot: Streamlit scrolls inside its main container, so grow the viewport to fit it."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    height = page.evaluate("Math.max(...[...document.querySelectorAll("
+                           "'[data-testid=stMain], [data-testid=stAppViewContainer]')].map(e => e.scrollHeight))")
+    page.set_viewport_size({"width": 1400, "height": min(max(int(height) + 40, 900), 7000)})
+    page.wait_for_timeout(1200)  # plotly charts re-lay out to the new size
+    page.screenshot(path=str(SHOTS / f"{name}.png"))
+    page.set_viewport_size({"width": 1400, "height": 1000})
+
+
+def open_page(page, base: str, path: str, expect: str, charts: int = 0) -> str:
+    page.goto(base + path)
+    page.get_by_text(expect, exact=False).first.wait_for()
+    wait_quiet(page, charts)
+    text = main_text(page)
+    assert "Traceback" not in text and "Error" not in text.split("\n")[0]
+    return text
+
+
+def test_overview(page, server):
+    text = open_page(page, server, "/", "The ladder", charts=4)
+    assert "Are SAE latents canonical units?" in text and "Latents are not atomic" in text
+    shot(page, "overview")
+
+
+def test_latent_page_and_radial_graph_link(page, server):
+    text = open_page(page, server, "/latent?width=128&latent=7", "Albert Einstein physicist", charts=3)
+    assert "Latent 128/7" in text and "Meta-decomposition" in text and "science" in text
+    shot(page, "latent")
+    # follow a member-latent link of the radial graph (under its nodes): another latent opens, URL follows
+    link = page.locator("[data-testid='stPageLink'] a[href*='latent?width=']").filter(
+        has_not_text="Albert Einstein").first
+    href = link.get_attribute("href")
+    m = re.search(r"width=(\d+)&latent=(\d+)", href)
+    assert m, href
+    link.click()
+    page.wait_for_url(re.compile(rf"latent\?width={m[1]}&latent={m[2]}$"))
+    page.get_by_text(f"Latent {m[1]}/{m[2]}").first.wait_for()
+    wait_quiet(page)
+    # the back button returns to the Einstein latent
+    page.go_back()
+    page.wait_for_url(re.compile(r"latent\?width=128&latent=7$"))
+    page.get_by_text("Latent 128/7").first.wait_for()
+
+
+def test_meta_latent_page(page, server):
+    text = open_page(page, server, "/meta_latent?meta=3", "Member latents, strongest first", charts=3)
+    assert "Meta-latent 3" in text and "science" in text
+    shot(page, "meta_latent")
+
+
+def test_search_link_to_latent(page, server):
+    text = open_page(page, server, "/search?q=physic", "2 latents")
+    assert "physics and physicists" in text
+    shot(page, "search")
+    page.locator("[data-testid='stPageLink'] a", has_text="Albert Einstein physicist").first.click()
+    page.wait_for_url(re.compile(r"/latent\?width=128&latent=7$"))
+    page.get_by_text("Albert Einstein physicist").first.wait_for()
+    assert "Latent 128/7" in main_text(page)
+
+
+def test_search_typing_updates_url(page, server):
+    open_page(page, server, "/search", "Type a word")
+    box = page.get_by_label("Text: labels, top tokens")
+    box.fill("curie")
+    box.press("Enter")
+    page.wait_for_url(re.compile(r"q=curie"))
+    page.locator("[data-testid='stPageLink'] a", has_text="Marie Curie chemist").first.wait_for()
+
+
+def test_stitching_page(page, server):
+    text = open_page(page, server, "/stitching?pair=64-128", "Latents of width 128", charts=4)
+    assert "Novel latents" in text and "Run a fresh evaluation" in text
+    shot(page, "stitching")
+
+
+def test_live_page(page, server):
+    text = open_page(page, server, "/live?width=128&latent=7", "the meta-SAE gives", charts=1)
+    assert "Albert Einstein physicist" in text
+    shot(page, "live")
+
+
+def test_bad_url_shows_a_message(page, server):
+    text = open_page(page, server, "/latent?width=999&latent=1", "is not in this atlas")
+    assert "Width 999 is not in this atlas (widths: 64, 128, 256)" in text
+    text = open_page(page, server, "/search?q=%27%3B%20DROP%20TABLE%20latents%3B%20--", "No latent matches")
+    assert "Traceback" not in text
