@@ -70,7 +70,9 @@ def main() -> None:
         st.Page(ui.PAGES["stitching"], title="Stitching", icon=":material/call_merge:", url_path="stitching"),
         st.Page(ui.PAGES["live"], title="Live", icon=":material/bolt:", url_path="live"),
     ]
-    st.navigation(pages).run()
+    page = st.navigation(pages)
+    ui.sync_url()
+    page.run()
 
 
 main()

@@ -56,11 +56,11 @@ def best_of(fn, repeats: int = 3) -> tuple[float, object]:
     return best, out
 
 
-def real_setup(quick: bool):
+def real_setup(quick: bool, saes_dir: str | None = None):
     """(lm, hook, tokens, small SAE, large SAE) on real SmolLM2 text.
 
-    Uses the bundled atlas's SAEs when data/ holds one (trained SAEs make the ΔCE comparison meaningful);
-    otherwise trains two small BatchTopK SAEs on the fly (a few minutes).
+    Uses trained SAEs from `saes_dir` (width subfolders; default the bundled atlas's data/saes) — trained SAEs
+    make the ΔCE comparison meaningful; otherwise trains two small BatchTopK SAEs on the fly (minutes).
     """
     from metasae.atlas import read_manifest
     from metasae.corpus import build_contexts
@@ -72,10 +72,11 @@ def real_setup(quick: bool):
     hook = manifest["model"]["hook"] if manifest else "blocks.15.hook_resid_pre"
     n_ctx = 48 if quick else 160
     tokens = build_contexts(["wiki"], lm.tokenizer, 128, n_ctx * 128, seed=123)
-    if manifest:
-        widths = [s["width"] for s in manifest["saes"]]
+    folder = Path(saes_dir) if saes_dir else ROOT / "data" / "saes"
+    widths = sorted(int(p.name) for p in folder.glob("*") if p.name.isdigit()) if folder.is_dir() else []
+    if len(widths) >= 2:
         pair = widths[-2:] if not quick else widths[:2]
-        small, large = (Sae.load(ROOT / "data" / "saes" / str(w)) for w in pair)
+        small, large = (Sae.load(folder / str(w)) for w in pair)
     else:
         from metasae.train import TrainConfig, train_sae
 

@@ -19,9 +19,9 @@ from benchmarks.common import best_of, measure, real_setup
 from metasae.stats import latent_stats, per_latent_stats_loop
 
 
-def run(quick: bool) -> dict:
+def run(quick: bool, saes_dir: str | None = None) -> dict:
     torch.manual_seed(0)
-    lm, hook, tokens, _, sae = real_setup(quick)
+    lm, hook, tokens, _, sae = real_setup(quick, saes_dir)
     acts = torch.cat([lm.resid(tokens[b:b + 8], hook).half() for b in range(0, len(tokens), 8)])
     chunks = lambda: iter([(b, acts[b:b + 64]) for b in range(0, len(acts), 64)])  # noqa: E731
     with measure() as m:
@@ -44,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--saes", help="folder of trained SAEs in width subfolders (default data/saes)")
     a = p.parse_args(argv)
-    r = run(a.quick)
+    r = run(a.quick, a.saes)
     print(f"stats_vs_per_latent: {r['stats_vs_per_latent']:.1f}x (goal >= 10) on width {r['sae_width']}, "
           f"{r['n_tokens']} tokens; results agree: {r['top_examples_agree']}")
     if a.json:

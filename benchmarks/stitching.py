@@ -26,9 +26,9 @@ from metasae import stitching as st
 GOALS = {"dmse_vs_pass": "<= 1.5", "dmse_vs_loop": ">= 100", "dce_exact_vs_loop": ">= 10", "attr_spearman": ">= 0.8"}
 
 
-def run(quick: bool) -> dict:
+def run(quick: bool, saes_dir: str | None = None) -> dict:
     torch.manual_seed(0)
-    lm, hook, tokens, small, large = real_setup(quick)
+    lm, hook, tokens, small, large = real_setup(quick, saes_dir)
     acts = torch.cat([lm.resid(tokens[b:b + 8], hook)[:, 1:].reshape(-1, lm.d_model).float()
                       for b in range(0, len(tokens), 8)])
     L = large.width
@@ -97,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="end with one JSON line")
     p.add_argument("--quick", action="store_true", help="fewer tokens and latents (small machines)")
+    p.add_argument("--saes", help="folder of trained SAEs in width subfolders (default data/saes)")
     a = p.parse_args(argv)
-    r = run(a.quick)
+    r = run(a.quick, a.saes)
     for k in ("dmse_vs_pass", "dmse_vs_loop", "dce_exact_vs_loop", "attr_spearman"):
         print(f"{k:>20}: {r[k]:10.3f}   goal {GOALS[k]}")
     print(f"{'peak MB':>20}: " + ", ".join(f"{k} {v:.0f}" for k, v in r["peak_mb"].items()))

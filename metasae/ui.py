@@ -145,6 +145,17 @@ def set_params(**values: Any) -> None:
             st.query_params[k] = str(v)
 
 
+def sync_url() -> None:
+    """Send the run's query parameters back to the browser.
+
+    A page link to the page already shown reruns it with the link's parameters but leaves the address bar
+    (and the history) alone; re-sending them makes the browser push the new URL, so links, reloads and the
+    back button agree. When the address bar already shows them, the browser does nothing.
+    """
+    with contextlib.suppress(Exception):
+        st.query_params.from_dict(st.query_params.to_dict())
+
+
 def link_params(**values: Any) -> dict[str, str]:
     """Query parameters for a link: the given ones (None dropped) plus the chosen atlas when there are several."""
     out = {k: str(v) for k, v in values.items() if v is not None and v != ""}
