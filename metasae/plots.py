@@ -16,6 +16,24 @@ ACTION_COLORS = {"start": "#333333", "add": KIND_COLORS["novel"], "swap": KIND_C
 _LAYOUT = dict(margin=dict(l=10, r=10, t=40, b=10), template="plotly_white", height=360)
 
 
+MAX_CURVE_POINTS = 1500  # a paper-scale pair has ~100k interpolation steps; the browser needs only this many
+MAX_SCATTER_POINTS = 20_000
+
+
+def thin(df: pd.DataFrame, n: int) -> pd.DataFrame:
+    """At most ``n`` rows, evenly spaced, first and last kept (for drawing long curves)."""
+    if len(df) <= n:
+        return df
+    return df.iloc[np.unique(np.linspace(0, len(df) - 1, n).round().astype(int))]
+
+
+def sample(df: pd.DataFrame, n: int, seed: int = 0) -> pd.DataFrame:
+    """At most ``n`` rows drawn at random (fixed seed, original order kept), for scatter plots."""
+    if len(df) <= n:
+        return df
+    return df.iloc[np.sort(np.random.default_rng(seed).choice(len(df), n, replace=False))]
+
+
 def _fig(title: str, **layout: Any) -> go.Figure:
     fig = go.Figure()
     fig.update_layout(title=dict(text=title, font=dict(size=15)), **{**_LAYOUT, **layout})
@@ -34,6 +52,7 @@ def ladder_figure(ladder: pd.DataFrame, curves: dict[tuple[int, int], pd.DataFra
     for (small, large), c in sorted(curves.items()):
         if c.empty:
             continue
+        c = thin(c, MAX_CURVE_POINTS)
         fig.add_trace(go.Scatter(
             x=c["l0"], y=c["mse"], mode="lines", name=f"stitch {small}→{large}", line=dict(width=2),
             customdata=np.stack([c["step"], c["action"].astype(str)], axis=1),
@@ -53,10 +72,11 @@ def novel_fraction_figure(pairs: pd.DataFrame, paper: float = 0.35) -> go.Figure
     fig = _fig("Novel latents per pair (larger SAE)", yaxis_title="fraction novel", yaxis_range=[0, 1])
     if len(pairs) and "novel_frac" in pairs:
         fig.add_trace(go.Bar(x=pairs["pair"], y=pairs["novel_frac"], marker_color=KIND_COLORS["novel"],
-                             text=[f"{v:.0%}" for v in pairs["novel_frac"]], textposition="outside",
+                             text=[f"{v:.0%}" for v in pairs["novel_frac"]], textposition="inside",
+                             insidetextanchor="end", textfont=dict(color="white"),
                              hovertemplate="%{x}: %{y:.1%} novel<extra></extra>", name="novel"))
     fig.add_hline(y=paper, line_dash="dot", line_color="#555",
-                  annotation_text=f"paper (GPT-2): ~{paper:.0%}", annotation_position="top left")
+                  annotation_text=f"paper (GPT-2): ~{paper:.0%}", annotation_position="top right")
     fig.update_xaxes(type="category", title="pair (small→large)")
     return fig
 
@@ -110,12 +130,16 @@ def radial_figure(graph: RadialGraph) -> go.Figure:
     """The latent -> meta-latents -> other latents graph; each node carries its index as customdata."""
     n = graph.nodes
     fig = _fig("", height=520, showlegend=True, margin=dict(l=5, r=5, t=10, b=5))
-    ex, ey = [], []
-    for a, b, _w in graph.edges:
-        ex += [n.at[a, "x"], n.at[b, "x"], None]
-        ey += [n.at[a, "y"], n.at[b, "y"], None]
-    fig.add_trace(go.Scatter(x=ex, y=ey, mode="lines", line=dict(color="#c8c8c8", width=1.2), hoverinfo="skip",
-                             showlegend=False))
+    for primary, style in ((False, dict(color="rgba(150,150,150,0.25)", width=0.8, dash="dot")),
+                           (True, dict(color="#b8b8b8", width=1.4))):
+        ex: list[Any] = []
+        ey: list[Any] = []
+        for a, b, _w, p in graph.edges:
+            if p == primary:
+                ex += [n.at[a, "x"], n.at[b, "x"], None]
+                ey += [n.at[a, "y"], n.at[b, "y"], None]
+        if ex:
+            fig.add_trace(go.Scatter(x=ex, y=ey, mode="lines", line=style, hoverinfo="skip", showlegend=False))
     styles = {"center": ("this latent", "#111111", 26, "circle"), "meta": ("meta-latent", "#6a5acd", 20, "diamond"),
               "latent": ("other latent", "#ff8c00", 14, "circle")}
     for kind, (name, color, size, symbol) in styles.items():
@@ -150,6 +174,7 @@ def stitch_path_figure(curve: pd.DataFrame, small: int, large: int) -> go.Figure
         fig.add_annotation(text="no curve stored for this pair", showarrow=False, x=0.5, y=0.5,
                            xref="paper", yref="paper")
         return fig
+    curve = thin(curve, MAX_CURVE_POINTS)
     fig.add_trace(go.Scatter(x=curve["l0"], y=curve["mse"], mode="lines", line=dict(color="#bbb"),
                              hoverinfo="skip", showlegend=False))
     for action, sub in curve.groupby("action", sort=False):
@@ -168,6 +193,7 @@ def fresh_curve_figure(stored: pd.DataFrame, fresh: pd.DataFrame, small: int, la
     fig = _fig(f"Stitching {small} → {large}: stored vs fresh evaluation", xaxis_title="L0", yaxis_title="MSE",
                height=380)
     for name, c, color in (("stored", stored, "#b0b0b0"), ("fresh", fresh, "#2a9d8f")):
+        c = thin(c, MAX_CURVE_POINTS)
         if len(c):
             fig.add_trace(go.Scatter(x=c["l0"], y=c["mse"], mode="lines+markers", name=name, marker=dict(size=4),
                                      line=dict(color=color)))
@@ -178,7 +204,7 @@ def fresh_curve_figure(stored: pd.DataFrame, fresh: pd.DataFrame, small: int, la
 def stitch_ce_figure(curve: pd.DataFrame, small: int, large: int) -> go.Figure:
     """CE loss along the interpolation (measured on a subset of steps)."""
     fig = _fig(f"Next-token CE loss along {small} → {large}", xaxis_title="step", yaxis_title="CE loss", height=320)
-    c = curve.dropna(subset=["ce_loss"]) if "ce_loss" in curve else curve.iloc[0:0]
+    c = thin(curve.dropna(subset=["ce_loss"]), MAX_CURVE_POINTS) if "ce_loss" in curve else curve.iloc[0:0]
     if c.empty:
         fig.add_annotation(text="CE loss was not measured on this curve", showarrow=False, x=0.5, y=0.5,
                            xref="paper", yref="paper")
@@ -195,6 +221,9 @@ def delta_scatter(table: pd.DataFrame, x: str = "delta_mse", y: str = "delta_ce"
     fig = _fig(title, xaxis_title=names.get(x, x), yaxis_title=names.get(y, y), height=380)
     if x not in table or y not in table:
         return fig
+    if len(table) > MAX_SCATTER_POINTS:
+        fig.update_layout(title=dict(text=f"{title} ({MAX_SCATTER_POINTS:,} of {len(table):,} latents)"))
+        table = sample(table, MAX_SCATTER_POINTS)
     for kind, sub in table.groupby(table["kind"].fillna("none"), sort=True):
         sub = sub.dropna(subset=[x, y])
         if sub.empty:

@@ -208,9 +208,11 @@ def latent_url(width: int, latent: int) -> str:
 
 
 def with_links(df: pd.DataFrame) -> pd.DataFrame:
-    """Adds an 'open' column of latent-page URLs (sae_width/latent, or latent with a fixed width)."""
+    """Adds a first column 'open' of latent-page URLs built from the sae_width and latent columns."""
     df = df.copy()
-    df.insert(0, "open", [latent_url(w, i) for w, i in zip(df["sae_width"], df["latent"], strict=True)])
+    extra = "".join(f"&{k}={v}" for k, v in link_params().items())
+    df.insert(0, "open", [f"latent?width={int(w)}&latent={int(i)}{extra}"
+                          for w, i in zip(df["sae_width"], df["latent"], strict=True)])
     return df
 
 

@@ -7,6 +7,7 @@ rerun costs milliseconds, even at paper scale.
 
 from __future__ import annotations
 
+import functools
 import html
 import math
 import unicodedata
@@ -26,11 +27,22 @@ LADDER_COLUMNS = ["width", "l0", "mse", "fvu", "ce_loss", "ce_delta"]
 # --------------------------------------------------------------------------------------------- text helpers
 
 
+_MARKERS = ("\u0120", "\u2581", "\u010a")
+
+
 def show_token(tok: Any) -> str:
     """A token as readable text: BPE space markers become spaces, newlines ⏎, control bytes \\xNN."""
     if tok is None:
         return ""
-    s = str(tok).replace("\u0120", " ").replace("\u2581", " ").replace("\u010a", "\n")
+    s = str(tok)
+    if s.isprintable() and not any(m in s for m in _MARKERS):  # the common case, at C speed
+        return s
+    return _show_special(s)
+
+
+@functools.lru_cache(maxsize=65536)
+def _show_special(s: str) -> str:
+    s = s.replace("\u0120", " ").replace("\u2581", " ").replace("\u010a", "\n")
     out = []
     for ch in s:
         if ch == "\n":
@@ -226,51 +238,56 @@ def effects(row: dict[str, Any]) -> list[tuple[str, Any, str]]:
 class RadialGraph:
     """Nodes (with x, y) and edges of the latent -> meta-latents -> other latents graph."""
 
-    nodes: pd.DataFrame  # node, kind (center|meta|latent), sae_width, latent, meta_latent, label, weight, x, y
-    edges: list[tuple[int, int, float]] = field(default_factory=list)  # (node a, node b, weight)
+    nodes: pd.DataFrame  # kind (center|meta|latent), sae_width, latent, meta_latent, label, weight, x, y, parent
+    # (node a, node b, weight, primary): primary edges form the tree (centre -> meta -> the members placed
+    # around it); the others join a member to the further displayed meta-latents it also holds
+    edges: list[tuple[int, int, float, bool]] = field(default_factory=list)
+
+    def children(self, node: int) -> pd.DataFrame:
+        """The member nodes placed around one meta-latent node."""
+        return self.nodes[(self.nodes["kind"] == "latent") & (self.nodes["parent"] == node)]
 
 
 def radial_graph(atlas: Atlas, width: int, latent: int, n_meta: int = 5, n_each: int = 5) -> RadialGraph:
     """Latent at the centre, its top meta-latents on a ring, and for each the strongest other members outside.
 
-    A latent shown once is linked to every displayed meta-latent its decomposition holds.
+    Each latent is shown once (under the first meta-latent it is found for) and linked to every displayed
+    meta-latent its decomposition holds.
     """
     row = atlas.latent(width, latent)
     dec = atlas.decomposition(width, latent).head(n_meta)
     nodes: list[dict[str, Any]] = [{"kind": "center", "sae_width": width, "latent": latent, "meta_latent": None,
-                                    "label": row["label"], "weight": 1.0, "x": 0.0, "y": 0.0}]
-    edges: list[tuple[int, int, float]] = []
+                                    "label": row["label"], "weight": 1.0, "x": 0.0, "y": 0.0, "parent": -1}]
+    edges: list[tuple[int, int, float, bool]] = []
     k = max(len(dec), 1)
     placed: dict[tuple[int, int], int] = {(width, latent): 0}
-    meta_node: dict[int, int] = {}
     member_sets: list[tuple[int, pd.DataFrame]] = []
     for j, (m, w, label) in enumerate(zip(dec["meta_latent"], dec["weight"], dec["label"], strict=True)):
         ang = 2 * math.pi * j / k + math.pi / 2
         nid = len(nodes)
         nodes.append({"kind": "meta", "sae_width": None, "latent": None, "meta_latent": int(m), "label": label,
-                      "weight": float(w), "x": math.cos(ang), "y": math.sin(ang)})
-        meta_node[int(m)] = nid
-        edges.append((0, nid, float(w)))
+                      "weight": float(w), "x": math.cos(ang), "y": math.sin(ang), "parent": 0})
+        edges.append((0, nid, float(w), True))
         members = atlas.members(int(m))
         member_sets.append((nid, members))
-        others = members[~((members["sae_width"] == width) & (members["latent"] == latent))]
-        fresh = [r for r in others.itertuples(index=False) if (int(r.sae_width), int(r.latent)) not in placed]
-        fresh = fresh[:n_each]
+        fresh = [r for r in members.itertuples(index=False)
+                 if (int(r.sae_width), int(r.latent)) not in placed][:n_each]
         step = min(2 * math.pi / k * 0.75, 1.4) / max(len(fresh) - 1, 1)  # members fan out around their meta
         for q, r in enumerate(fresh):
             a = ang + (q - (len(fresh) - 1) / 2) * step
             key = (int(r.sae_width), int(r.latent))
             placed[key] = len(nodes)
+            edges.append((nid, len(nodes), float(r.weight), True))
             nodes.append({"kind": "latent", "sae_width": key[0], "latent": key[1], "meta_latent": None,
-                          "label": r.label, "weight": float(r.weight), "x": 2.1 * math.cos(a), "y": 2.1 * math.sin(a)})
-    # every displayed latent links to each displayed meta-latent whose member it is
+                          "label": r.label, "weight": float(r.weight), "x": 2.1 * math.cos(a),
+                          "y": 2.1 * math.sin(a), "parent": nid})
+    parent = {i: n["parent"] for i, n in enumerate(nodes)}
     for nid, members in member_sets:
-        keys = set(zip(members["sae_width"].astype(int), members["latent"].astype(int), strict=True))
         weights = dict(zip(zip(members["sae_width"].astype(int), members["latent"].astype(int), strict=True),
                            members["weight"].astype(float), strict=True))
         for key, lid in placed.items():
-            if lid != 0 and key in keys:
-                edges.append((nid, lid, weights[key]))
+            if lid != 0 and parent[lid] != nid and key in weights:
+                edges.append((nid, lid, weights[key], False))
     return RadialGraph(pd.DataFrame(nodes), edges)
 
 
@@ -483,6 +500,7 @@ def compare(stored: pd.DataFrame, live: pd.DataFrame) -> pd.DataFrame:
     df[["stored", "live"]] = df[["stored", "live"]].astype(float).fillna(0.0)
     df["difference"] = df["live"] - df["stored"]
     df["meta_latent"] = df["meta_latent"].astype(int)
+    df = df[["meta_latent", "label", "stored", "live", "difference"]]
     return df.sort_values(["live", "stored"], ascending=False).reset_index(drop=True)
 
 

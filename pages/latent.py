@@ -78,10 +78,8 @@ with ui.guard():
     for col, (nid, node) in zip(cols, metas.iterrows(), strict=False):
         with col:
             ui.meta_link(node["meta_latent"], node["label"], extra=f" ({node['weight']:.2f})")
-            linked = {b for a, b, _ in graph.edges if a == nid}
-            for oid in sorted(linked):
-                o = graph.nodes.loc[oid]
-                ui.latent_link(o["sae_width"], o["latent"], o["label"])
+            for o in graph.children(nid).itertuples(index=False):
+                ui.latent_link(o.sae_width, o.latent, o.label, extra=f"  ({o.weight:.2f})")
 
 st.subheader("Family across the ladder")
 with ui.guard():
@@ -112,8 +110,9 @@ with ui.guard():
         if fam.get("group_id") is None:
             st.caption("None: a novel latent is added on its own.")
         else:
-            st.caption(f"group {fam['group_id']} · {len(fam.get('group') or [])} latents of width {width} "
-                       "swapped in together")
+            n_group = len(fam.get("group") or [])
+            st.caption(f"group {fam['group_id']} · " + (f"{n_group} latents of width {width} swapped in together"
+                                                         if n_group > 1 else "only this latent"))
             for g in group[:10]:
                 ui.latent_link(width, g, atlas.latent(width, g)["label"])
     eff = views.effects(row)

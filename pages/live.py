@@ -58,6 +58,9 @@ with ui.guard():
     live = views.encode_live(atlas, ui.meta_sae(ui.atlas_key(ctx), atlas), vector)
     st.caption(f"‖vector‖ = {float(np.linalg.norm(vector)):.4g} · the meta-SAE gives {len(live)} meta-latents")
     if stored is not None:
+        if atlas.manifest.get("synthetic"):
+            st.info("A synthetic atlas: its stored decompositions were planted, not computed by its (random) "
+                    "meta-SAE, so the two disagree here. On a built atlas they agree up to float precision.")
         cmp = views.compare(stored, live)
         st.plotly_chart(plots.compare_figure(cmp, stored_name, "computed now"), key="cmp")
         st.dataframe(cmp, hide_index=True, column_config={
@@ -92,6 +95,7 @@ if text.strip():
             result = ui.activations(ui.atlas_key(ctx), text, int(twidth), 5, backend)
             acts = views.activations_table(result)
             st.plotly_chart(plots.token_latent_heatmap(acts), key="heat")
-            st.dataframe(acts, hide_index=True)
+            st.dataframe(ui.with_links(acts.assign(sae_width=int(twidth))).drop(columns=["sae_width"]),
+                         hide_index=True, column_config=ui.LINK_COLUMN)
 else:
     st.info("Type some text to see the top latents of each token.")

@@ -21,9 +21,9 @@ cols[0].metric("Corpus tokens", views.fmt(facts["n_tokens"]))
 cols[1].metric("SAE widths", len(facts["widths"]), help=", ".join(map(str, facts["widths"])))
 cols[2].metric("Latents", views.fmt(facts["n_latents"]), help="over all widths")
 cols[3].metric("Meta-latents", views.fmt(facts["meta_width"]), help=f"k = {facts['meta_k']}")
-cols[4].metric("Meta-SAE variance explained",
+cols[4].metric("Meta-SAE explains",
                "—" if found["meta_var_explained"] is None else f"{found['meta_var_explained']:.0%}",
-               help="1 − FVU of the meta-SAE on the decoder rows (paper: about half)")
+               help="variance of the decoder rows the meta-SAE explains, 1 − FVU (paper: about half)")
 
 left, right = st.columns(2)
 with left, st.container(border=True):

@@ -166,10 +166,14 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
                background: bool = True) -> FastAPI:
     """The service for one atlas. `background=False` skips the threads (the caller opens the atlas)."""
     settings = settings or Settings.from_env()
-    if settings.torch_threads > 0:
+    resources = resources or Resources(settings)
+    # Measured (docs/benchmarks.md, 2 shared cores): one torch thread answers /v1/activations 10x faster than
+    # two (86 vs 885 ms p50 on SmolLM2) and stitches as fast; so on CPU the default is 1 (METASAE_TORCH_THREADS).
+    threads = settings.torch_threads or (1 if resources.device == "cpu" else 0)
+    if threads > 0:
         import torch
 
-        torch.set_num_threads(settings.torch_threads)
+        torch.set_num_threads(threads)
     stop = threading.Event()
 
     @asynccontextmanager
@@ -191,7 +195,7 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
         responses={422: {"model": ErrorResponse}},
     )
     app.state.settings = settings
-    app.state.resources = resources or Resources(settings)
+    app.state.resources = resources
     app.state.jobs = JobManager(workers=1, max_jobs=settings.max_jobs, ttl_s=settings.job_ttl_s)
     app.state.version = app.version
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)

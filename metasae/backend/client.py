@@ -6,7 +6,8 @@
 - otherwise: on first need it starts `metasae backend` for the atlas in `METASAE_ATLAS` (default `data`) as a
   subprocess on 127.0.0.1 and a free port, with a random token only this process knows, waits for `/health`,
   and hands out a client for it. The subprocess is reused for the process lifetime, restarted if it died, and
-  terminated at exit (it also exits by itself when this process is gone). Its log is `<tmp>/metasae-backend-*.log`.
+  terminated at exit (it also exits by itself when this process is gone). Its log is
+  `<tmp>/metasae-backend-*.log`, removed after a clean stop and kept when the backend died.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import atexit
 import math
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -156,6 +158,7 @@ class LocalBackendProcess:
         self.port = port or free_port()
         self.token = token
         self.url = f"http://127.0.0.1:{self.port}"
+        self._temp_log = log_path is None  # removed after a clean stop, kept when the process died
         self.log_path = Path(log_path) if log_path else Path(
             tempfile.mkstemp(prefix="metasae-backend-", suffix=".log")[1])
         child_env = {**os.environ, **(env or {})}
@@ -209,6 +212,8 @@ class LocalBackendProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout)
+            if self._temp_log and self.proc.returncode in (0, -signal.SIGTERM):
+                self.log_path.unlink(missing_ok=True)
         self.client.close()
 
     def kill(self) -> None:

@@ -14,7 +14,7 @@
 | METASAE_MAX_STITCH_TOKENS     | 262144                           | most tokens one stitching job may evaluate           |
 | METASAE_MAX_JOBS              | 8                                | queued + running jobs at once (more get 429)         |
 | METASAE_JOB_TTL_S             | 3600                             | finished jobs are forgotten after this               |
-| METASAE_TORCH_THREADS         | 0                                | torch CPU threads (0: torch's default)               |
+| METASAE_TORCH_THREADS         | 0                                | torch CPU threads (0: 1 on CPU, torch's default on GPU)|
 | METASAE_PRELOAD               | 0                                | 1: load model and SAEs at start instead of on demand |
 | METASAE_STITCH_FN             | metasae.distributed:stitch_eval  | the stitching evaluator (module:function)            |
 | METASAE_LOAD_DELAY_S          | 0                                | testing aid: extra seconds spent in each model load  |

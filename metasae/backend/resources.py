@@ -71,7 +71,6 @@ class Resources:
     def __init__(self, settings: Settings, device: str | None = None):
         self.settings = settings
         self.device = device or pick_device(settings.device)
-        self.device_name = device_name(self.device)
         self.atlas_ready = threading.Event()
         self.atlas_error: str | None = None
         self._atlas: Any = None
@@ -84,6 +83,10 @@ class Resources:
         self._active = 0
         self.last_used = time.monotonic()
         self.n_released = 0
+
+    @property
+    def device_name(self) -> str:
+        return device_name(self.device)
 
     # -- atlas ----------------------------------------------------------------------------------------
 

@@ -12,7 +12,6 @@ from streamlit.testing.v1 import AppTest
 from metasae.synthetic_atlas import make_synthetic_atlas
 
 APP = str(Path(__file__).resolve().parents[2] / "app.py")
-PAGES = ["overview", "latent", "meta_latent", "search", "stitching", "live"]
 
 
 @pytest.fixture(scope="session")
@@ -47,19 +46,3 @@ def run_page(monkeypatch: pytest.MonkeyPatch) -> Callable[..., AppTest]:
         return at
 
     return run
-
-
-def texts(at: AppTest) -> str:
-    """All text the page shows (markdown, titles, headers, captions, metrics, messages, link labels)."""
-    parts = []
-    for group in (at.title, at.header, at.subheader, at.markdown, at.caption, at.info, at.warning, at.error,
-                  at.success):
-        parts += [str(e.value) for e in group]
-    parts += [f"{m.label}: {m.value}" for m in at.metric]
-    parts += [pl.proto.label for pl in at.page_link]
-    return "\n".join(parts)
-
-
-def links(at: AppTest) -> list[tuple[str, str, str]]:
-    """(page, label, query string) of every page link."""
-    return [(pl.proto.page, pl.proto.label, pl.proto.query_string) for pl in at.page_link]

@@ -180,13 +180,15 @@ def test_latent_view_and_radial_graph(atlas):
     assert not others.duplicated(["sae_width", "latent"]).any()
     # every member node hangs off at least one meta node, and edges only join existing nodes
     meta_ids = set(n[n.kind == "meta"].index)
-    assert all(any(a in meta_ids and b == i for a, b, _ in g.edges) for i in others.index)
+    assert all(any(a == n.at[i, "parent"] and b == i and p for a, b, _, p in g.edges) for i in others.index)
+    assert all(a in meta_ids or a == 0 for a, _, _, _ in g.edges)
+    assert sum(len(g.children(m)) for m in meta_ids) == len(others)
     assert views.node_params(n.loc[1]) == ("meta_latent", {"meta": "3"})
     assert views.node_params(others.iloc[0])[0] == "latent"
     # Curie (256/42) shares meta-latents 3 and 11 with Einstein: one node, two edges
     curie = n[(n.sae_width == 256) & (n.latent == 42)]
     if len(curie):
-        assert sum(b == curie.index[0] for _, b, _ in g.edges) >= 2
+        assert sum(b == curie.index[0] for _, b, _, _ in g.edges) >= 2
 
 
 def test_meta_view(atlas):

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from app_helpers import PAGES, links, texts
 
 from metasae.synthetic_atlas import PLANTED, PLANTED_META
-from tests.app.conftest import PAGES, links, texts
 
 EINSTEIN = PLANTED["einstein"]  # width 128, latent 7, "Albert Einstein physicist"
 CURIE = PLANTED["curie"]
@@ -25,14 +25,14 @@ def test_overview_tells_the_two_findings(synthetic_atlas, run_page):
 
 
 def test_latent_deep_link_shows_label_decomposition_family(synthetic_atlas, run_page):
-    at = run_page(synthetic_atlas, "latent", width="128", latent="7")
+    at = run_page(synthetic_atlas, "latent", width=str(EINSTEIN["width"]), latent=str(EINSTEIN["latent"]))
     assert at.title[0].value == "Latent 128/7"
     assert at.selectbox(key="pick_width").value == 128 and at.number_input(key="pick_latent").value == 7
     text = texts(at)
-    assert "Albert Einstein physicist" in text
+    assert f"### {EINSTEIN['label']}" in [m.value for m in at.markdown]
     dec = at.dataframe[0].value
-    assert list(dec["meta_latent"]) == [3, 11, 5, 20]
-    assert [round(float(w), 4) for w in dec["weight"]] == [0.5, 0.3, 0.15, 0.05]
+    assert list(dec["meta_latent"]) == list(EINSTEIN["decomposition"]) == [3, 11, 5, 20]
+    assert [round(float(w), 4) for w in dec["weight"]] == list(EINSTEIN["decomposition"].values())
     assert list(dec["label"]) == [PLANTED_META[m] for m in (3, 11, 5, 20)]
     lk = links(at)
     # radial graph: a link per meta-latent node (with its weight) and per member-latent node

@@ -102,3 +102,12 @@ def test_preload_loads_everything(tiny_atlas):
     res.preload()
     assert res.status()["loaded"] == {"model": True, "meta_sae": True, "saes": [64, 128, 256]}
     assert res.status()["status"] == "ready"
+
+
+def test_parent_watch():
+    import os
+
+    from metasae.backend.app import _alive
+
+    assert _alive(os.getppid())
+    assert not _alive(os.getpid())  # not our parent: an auto-started backend whose parent was replaced exits

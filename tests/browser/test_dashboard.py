@@ -1,6 +1,7 @@
 """The dashboard in a real browser: headless Debian Chromium (Playwright) against `streamlit run app.py`.
 
-Opens every page on the planted synthetic atlas, follows a search result and a radial-graph link, checks the
+Opens every page on the planted synthetic atlas, follows a search result, a radial-graph link and a click on a
+graph node, checks the
 URL, the content and the back button, and saves one screenshot per page to docs/screenshots/ (or to
 $METASAE_SCREENSHOT_DIR). Skips when /usr/bin/chromium is missing (`apt-get install -y chromium` as root;
 scripts/setup.sh does it).
@@ -53,7 +54,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
              "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
-             "--server.fileWatcherType", "none"],
+             "--server.fileWatcherType", "none", "--client.toolbarMode", "minimal"],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -107,8 +108,15 @@ def shot(page, name: str) -> None:
                            "'[data-testid=stMain], [data-testid=stAppViewContainer]')].map(e => e.scrollHeight))")
     page.set_viewport_size({"width": 1400, "height": min(max(int(height) + 40, 900), 7000)})
     page.wait_for_timeout(1200)  # plotly charts re-lay out to the new size
-    page.screenshot(path=str(SHOTS / f"{name}.png"))
+    path = SHOTS / f"{name}.png"
+    page.screenshot(path=str(path))
     page.set_viewport_size({"width": 1400, "height": 1000})
+    # 256 colours are plenty for a UI and make the committed PNGs ~3x smaller
+    from PIL import Image
+
+    with Image.open(path) as im:
+        small = im.convert("RGB").quantize(colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
+    small.save(path, optimize=True)
 
 
 def open_page(page, base: str, path: str, expect: str, charts: int = 0) -> str:
@@ -144,6 +152,15 @@ def test_latent_page_and_radial_graph_link(page, server):
     page.go_back()
     page.wait_for_url(re.compile(r"latent\?width=128&latent=7$"))
     page.get_by_text("Latent 128/7").first.wait_for()
+    wait_quiet(page, charts=3)
+    # a click on a node of the plotly graph itself: the meta-latent diamonds are the trace with 4 points
+    radial = page.locator(".js-plotly-plot").nth(2)
+    radial.scroll_into_view_if_needed()
+    traces = radial.locator(".scatterlayer .trace")
+    metas = next(t for t in (traces.nth(i) for i in range(traces.count())) if t.locator(".points path").count() == 4)
+    metas.locator(".points path").first.click(force=True)
+    page.wait_for_url(re.compile(r"/meta_latent\?meta=3$"))
+    page.get_by_text("Meta-latent 3").first.wait_for()
 
 
 def test_meta_latent_page(page, server):
