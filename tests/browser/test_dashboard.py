@@ -1,10 +1,9 @@
 """The dashboard in a real browser: headless Debian Chromium (Playwright) against `streamlit run app.py`.
 
 Opens every page on the planted synthetic atlas, follows a search result, a radial-graph link and a click on a
-graph node, checks the
-URL, the content and the back button, and saves one screenshot per page to docs/screenshots/ (or to
-$METASAE_SCREENSHOT_DIR). Skips when /usr/bin/chromium is missing (`apt-get install -y chromium` as root;
-scripts/setup.sh does it).
+graph node, checks the URL, the content and the back button, and saves one screenshot per page to
+docs/screenshots/ (or to $METASAE_SCREENSHOT_DIR). Skips when /usr/bin/chromium is missing
+(`apt-get install -y chromium` as root; scripts/setup.sh does it).
 """
 
 from __future__ import annotations
