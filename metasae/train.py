@@ -135,14 +135,21 @@ def ladder_widths(d_model: int, n: int, start_mult: int = 2) -> list[int]:
 
 
 def train_ladder(store, widths: Sequence[int], cfg: TrainConfig, out_dir: str | Path, hook: str, model: str,
-                 eval_ctx: int = 0, progress: bool = True, log: Callable[[str], None] = print) -> list[Sae]:
-    """Train (or resume) one SAE per width on an ActivationStore; each saved to out_dir/<width> as it finishes."""
+                 eval_ctx: int = 0, progress: bool = True, log: Callable[[str], None] = print,
+                 only: Sequence[int] | None = None) -> list[Sae]:
+    """Train (or resume) one SAE per width on an ActivationStore; each saved to out_dir/<width> as it finishes.
+
+    `only` trains just those widths (with the seeds they have in the full ladder), so separate single-threaded
+    processes can train different widths side by side and the ladder is the same as one process would make.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     saes = []
     init_b_dec = None
     for i, width in enumerate(tqdm(list(widths), desc="ladder", disable=not progress)):
         path = out_dir / str(width)
+        if only is not None and width not in only:
+            continue
         if (path / "sae_weights.safetensors").is_file():
             saes.append(Sae.load(path))
             continue
