@@ -107,6 +107,8 @@ class LanguageModel:
             kwargs["quantization_config"] = GgufConfig(gguf_file=kwargs["gguf_file"], dequantize=True)
         try:
             tok = AutoTokenizer.from_pretrained(folder, gguf_file=kwargs.get("gguf_file"))
+            if "gguf_file" not in kwargs:
+                kwargs["use_safetensors"] = True  # never unpickle a checkpoint (.bin weights are refused)
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
         except OSError as e:
             raise ModelError(f"cannot load model {name!r}: {e}") from e

@@ -244,12 +244,14 @@ def get_backend(atlas: str | os.PathLike | None = None, start_timeout: float = 9
     if url:
         return HttpBackend(url, token=os.environ.get("METASAE_TOKEN") or None)
     with _local_lock:
-        if _local is None or not _local.alive():
-            atlas = str(atlas or os.environ.get("METASAE_ATLAS") or "data")
+        # METASAE_ATLAS may list several atlases (the app's switcher); a local backend serves the first
+        atlas = str(atlas or (os.environ.get("METASAE_ATLAS") or "data").split(",")[0].strip())
+        other_atlas = _local is not None and Path(_local.atlas).resolve() != Path(atlas).resolve()
+        if _local is None or not _local.alive() or other_atlas:
             if not Path(atlas, "manifest.json").is_file():
                 raise BackendError(f"no atlas at {atlas} for a local backend (set METASAE_ATLAS, or "
                                    "METASAE_BACKEND_URL to use a running backend)")
-            if _local is not None:  # it died: forget it and start a new one
+            if _local is not None:  # it died, or serves another atlas: replace it
                 _local.stop()
                 _local = None
             if not _atexit_registered:
