@@ -258,14 +258,15 @@ def _is_hidden(rel: PurePosixPath) -> bool:
 
 
 def atlas_files(atlas_dir: str | os.PathLike) -> list[str]:
-    """Relative posix paths of the files that make up the atlas (all but the manifest and hidden names)."""
+    """Relative posix paths of the files that make up the atlas (all but the manifest, README.md, hidden names)."""
     root = Path(atlas_dir)
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for fn in filenames:
             rel = PurePosixPath(Path(dirpath, fn).relative_to(root).as_posix())
-            if not _is_hidden(rel) and rel.as_posix() != MANIFEST:
+            # a top-level README.md is the folder's (or hub dataset card's) documentation, not atlas content
+            if not _is_hidden(rel) and rel.as_posix() not in (MANIFEST, "README.md"):
                 out.append(rel.as_posix())
     return sorted(out)
 
