@@ -19,7 +19,8 @@ from metasae.atlas import MANIFEST, Atlas, AtlasError
 
 ENV_ATLAS = "METASAE_ATLAS"
 REPO_ROOT = Path(__file__).resolve().parent.parent
-BUNDLED_DIR = REPO_ROOT / "data"
+# METASAE_BUNDLED moves (or, pointed at a folder with no atlas, hides) the bundled atlas, e.g. in tests.
+BUNDLED_DIR = Path(os.environ.get("METASAE_BUNDLED") or REPO_ROOT / "data")
 MAX_QUERY_CHARS = 500  # longer search queries are cut (a label is a few words; 10 kB of text matches nothing)
 MAX_TEXT_CHARS = 4000  # live text box
 MAX_TERMS = 16  # terms in a composed direction

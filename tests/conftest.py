@@ -14,6 +14,8 @@ from metasae.sae import Sae
 # (measured: one tiny-Llama forward 0.5 s with 2 threads vs 3 ms with 1; a 64-token SmolLM2 forward 10 s vs 0.4 s).
 torch.set_num_threads(1)
 os.environ["OMP_NUM_THREADS"] = "1"  # and for the subprocesses some tests start
+# Tests choose their atlases; the bundled data/ atlas would add itself to the app's atlas list.
+os.environ["METASAE_BUNDLED"] = os.path.join(os.path.dirname(__file__), "no-bundled-atlas")
 
 
 @pytest.fixture(scope="session")
