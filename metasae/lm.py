@@ -213,6 +213,28 @@ class LanguageModel:
         return _next_token_losses(logits, tokens)
 
     @torch.no_grad()
+    def token_losses_hooked(self, tokens: torch.Tensor, hook: str, resid: torch.Tensor) -> torch.Tensor:
+        """As token_losses_from, the plain way: a whole-model forward whose hook replaces the residual.
+
+        The naive reference (what a run-with-hooks loop does); token_losses_from gives the same losses cheaper.
+        """
+        layer = self.layer_of(hook)
+        layers = _decoder_layers(self.model)
+        x = resid.to(self.device, self.dtype)
+
+        def feed(_mod, args, kwargs):
+            return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+
+        tokens = tokens.to(self.device)
+        with self._lock:
+            handle = layers[layer].register_forward_pre_hook(feed, with_kwargs=True)
+            try:
+                logits = self.model(tokens, use_cache=False).logits
+            finally:
+                handle.remove()
+        return _next_token_losses(logits, tokens)
+
+    @torch.no_grad()
     def token_losses(self, tokens: torch.Tensor) -> torch.Tensor:
         """Per-token next-token losses of the unmodified model (batch, seq-1)."""
         tokens = tokens.to(self.device)

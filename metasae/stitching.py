@@ -325,15 +325,21 @@ def delta_ce_attribution(lm, hook: str, cs: CeSet, small: Sae, large: Sae, item_
 
 
 @torch.no_grad()
-def delta_ce_loop(lm, hook: str, tokens: torch.Tensor, small: Sae, large: Sae, latents: Iterable[int]) -> torch.Tensor:
-    """Reference: per latent, splice (small SAE + that latent) into every context and re-run the whole model."""
+def delta_ce_loop(lm, hook: str, tokens: torch.Tensor, small: Sae, large: Sae, latents: Iterable[int],
+                  naive: bool = False) -> torch.Tensor:
+    """Reference: per latent, splice (small SAE + that latent) into every context and re-run the model.
+
+    naive=True re-runs the whole model with a replacing hook (a plain run-with-hooks loop); otherwise only the
+    layers after the hook run (our splice), which isolates what batching and skipping silent contexts gain.
+    """
     resid = lm.resid(tokens, hook).float()
     x = resid[:, 1:]
 
     def loss_with(recon: torch.Tensor) -> float:
         r = resid.clone()
         r[:, 1:] = recon
-        return float(lm.token_losses_from(tokens, hook, r).sum())
+        run = lm.token_losses_hooked if naive else lm.token_losses_from
+        return float(run(tokens, hook, r).sum())
 
     a_s = small.encode(x)
     base_recon = small.decode(a_s)

@@ -96,6 +96,8 @@ def test_splicing_perturbed_resid_matches_full_model_reference(lm, hook):
         spliced = lm.token_losses_from(tokens, hook, resid)
         ref = _reference_losses(lm, tokens, lm.layer_of(hook), resid)
     torch.testing.assert_close(spliced.double(), ref, rtol=1e-5, atol=1e-5)
+    # the plain whole-model hook (the naive benchmark anchor) agrees with the same reference
+    torch.testing.assert_close(lm.token_losses_hooked(tokens, hook, resid).double(), ref, rtol=1e-5, atol=1e-5)
     # the perturbation really changed the losses, so equality above is not trivial
     assert float((spliced - lm.token_losses(tokens)).abs().max()) > 1e-3
     # and the model is whole again afterwards: all layers back, no hook left behind
