@@ -32,7 +32,7 @@ PRESETS: dict[str, dict] = {
                  n_tokens=3_000_000, widths=[1152, 2304, 4608, 9216], train_tokens=600_000, batch_size=512,
                  architecture="batchtopk", k=32, meta_width=448, meta_k=4, meta_batches=2000,
                  meta_batch_size=4096, stats_tokens=300_000, eval_tokens=32_768, ce_ctx=32,
-                 exact_ce_latents=96, n_examples=10, shard_ctx=256, lr=1e-3),
+                 exact_ce_latents=16, n_examples=10, shard_ctx=256, lr=1e-3),
     # The paper's GPT-2 ladder imported from sae-lens (needs the hub, or a local cache / folders).
     "gpt2-paper": dict(model="gpt2", sources=["wiki", "wordnet"], hook="blocks.8.hook_resid_pre", ctx_len=128,
                        n_tokens=1_000_000, widths=[768, 1536, 3072, 6144, 12288, 24576, 49152, 98304],
