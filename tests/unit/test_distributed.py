@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import random_sae  # tests/ is on sys.path (rootdir conftest); module-scoped fixtures need it
 
 from metasae import distributed as dist
 from metasae import stitching as st
@@ -22,10 +21,10 @@ def lm():
 
 
 @pytest.fixture(scope="module")
-def pair(lm):
+def pair(lm, make_sae):
     """A small SAE and a large one holding noisy copies of some small rows (so swap groups exist) + new rows."""
-    small = random_sae(lm.d_model, 24, seed=1, hook_name=HOOK)
-    extra = random_sae(lm.d_model, 24, seed=2, hook_name=HOOK)
+    small = make_sae(lm.d_model, 24, seed=1, hook_name=HOOK)
+    extra = make_sae(lm.d_model, 24, seed=2, hook_name=HOOK)
     g = torch.Generator().manual_seed(3)
     copies = small.W_dec[:16] + 0.15 * torch.randn(16, lm.d_model, generator=g)
     copies = torch.cat([copies, small.W_dec[:4] + 0.2 * torch.randn(4, lm.d_model, generator=g)])  # splits
