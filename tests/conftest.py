@@ -65,7 +65,7 @@ def random_sae(
     return sae.to(dtype=dtype)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_sae():
     """Factory fixture for random_sae (so test modules need not import conftest)."""
     return random_sae

@@ -157,6 +157,10 @@ def test_latent_page_and_radial_graph_link(page, server):
     # a click on a node of the plotly graph itself: the meta-latent diamonds are the trace with 4 points
     radial = page.locator(".js-plotly-plot").nth(2)
     radial.scroll_into_view_if_needed()
+    # a busy machine may still be drawing the graph's points after the rerun
+    page.wait_for_function("[...(document.querySelectorAll('.js-plotly-plot')[2]?.querySelectorAll("
+                           "'.scatterlayer .trace') ?? [])].some(t => t.querySelectorAll('.points path').length === 4)",
+                           timeout=TIMEOUT_MS)
     traces = radial.locator(".scatterlayer .trace")
     metas = next(t for t in (traces.nth(i) for i in range(traces.count())) if t.locator(".points path").count() == 4)
     metas.locator(".points path").first.click(force=True)
@@ -191,7 +195,9 @@ def test_search_typing_updates_url(page, server):
 
 def test_stitching_page(page, server):
     text = open_page(page, server, "/stitching?pair=64-128", "Latents of width 128", charts=4)
-    assert "Novel latents" in text and "Run a fresh evaluation" in text
+    assert "Novel latents" in text
+    # the form below the table can arrive a moment after the charts on a busy machine
+    page.get_by_text("Run a fresh evaluation").first.wait_for(timeout=TIMEOUT_MS)
     shot(page, "stitching")
 
 
