@@ -12,7 +12,7 @@ import os
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -189,7 +189,3 @@ def build(cfg: BuildConfig, out: str | Path, work: str | Path | None = None, for
         write_json_atomic(started, {"created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})
     torch.manual_seed(cfg.seed)
     return stages.run_all(cfg, out, work, force=force, until=until, progress=progress, log=log)
-
-
-def replace_cfg(cfg: BuildConfig, **kw) -> BuildConfig:
-    return replace(cfg, **kw)
