@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from metasae import views
+from metasae import app_state, views
 from metasae.app_state import AtlasSource, BadInput
 from metasae.atlas import Atlas, AtlasError, UnknownLatentError
 
@@ -181,6 +181,24 @@ def to_url(key: str, name: str, encode: Callable[[Any], Any] = str, default: Any
             set_params(**{k: (f() if callable(f) else f) for k, f in also.items()})
 
     return callback
+
+
+def latent_picker(atlas: Atlas, prefix: str) -> tuple[int, int, str | None]:
+    """Width and latent selectors bound to ``?width=&latent=``; returns (width, latent, why the URL was bad)."""
+    try:
+        width, latent = app_state.resolve_latent(atlas, param("width"), param("latent"))
+        bad = None
+    except BadInput as e:
+        width, latent, bad = app_state.default_width(atlas), 0, str(e)
+    wk, lk = f"{prefix}_width", f"{prefix}_latent"
+    c1, c2, _ = st.columns([1, 1, 3])
+    bind(wk, width)
+    bind(lk, latent)
+    c1.selectbox("Width", atlas.widths, key=wk, on_change=to_url(
+        wk, "width", also={"latent": lambda: min(int(st.session_state[lk]), atlas.n_latents(st.session_state[wk]) - 1)}))
+    c2.number_input("Latent", min_value=0, max_value=atlas.n_latents(width) - 1, step=1, key=lk,
+                    on_change=to_url(lk, "latent", encode=int, also={"width": width}))
+    return width, latent, bad
 
 
 # --------------------------------------------------------------------------------------------- links and errors

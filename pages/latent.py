@@ -2,27 +2,13 @@
 
 import streamlit as st
 
-from metasae import app_state, plots, ui, views
+from metasae import plots, ui, views
 
 ctx, atlas = ui.require_atlas()
 
-try:
-    width, latent = app_state.resolve_latent(atlas, ui.param("width"), ui.param("latent"))
-    url_error = None
-except app_state.BadInput as e:
-    width, latent = app_state.default_width(atlas), 0
-    url_error = str(e)
-
-st.title(f"Latent {width}/{latent}" if not url_error else "Latent")
-# pickers, bound to the URL (?width=&latent=)
-c1, c2, _ = st.columns([1, 1, 3])
-ui.bind("pick_width", width)
-ui.bind("pick_latent", latent)
-c1.selectbox("Width", atlas.widths, key="pick_width", on_change=ui.to_url(
-    "pick_width", "width", also={"latent": lambda: min(int(st.session_state["pick_latent"]),
-                                                      atlas.n_latents(st.session_state["pick_width"]) - 1)}))
-c2.number_input("Latent", min_value=0, max_value=atlas.n_latents(width) - 1, step=1, key="pick_latent",
-                on_change=ui.to_url("pick_latent", "latent", encode=int, also={"width": width}))
+head = st.container()  # the title goes above the pickers, which decide it
+width, latent, url_error = ui.latent_picker(atlas, "pick")
+head.title(f"Latent {width}/{latent}" if not url_error else "Latent")
 
 if url_error:
     st.error(url_error)
@@ -85,20 +71,18 @@ st.subheader("Family across the ladder")
 with ui.guard():
     fam = view.family
     f1, f2, f3 = st.columns(3)
-    with f1:
-        st.markdown("**Nearest in the smaller width**")
-        s = fam.get("smaller")
-        if s:
-            ui.latent_link(s["sae_width"], s["latent"], s["label"], extra=f"  (cos {views.fmt(s['cos'], 3)})")
-        else:
-            st.caption("— (smallest width)")
+    for col, side, title, none in ((f1, "smaller", "Nearest in the smaller width", "— (smallest width)"),
+                                   (f2, "larger", "Nearest in the larger width", "— (largest width)")):
+        col.markdown(f"**{title}**")
+        near = fam.get(side)
+        with col:
+            if near:
+                ui.latent_link(near["sae_width"], near["latent"], near["label"],
+                               extra=f"  (cos {views.fmt(near['cos'], 3)})")
+            else:
+                st.caption(none)
+    lg = fam.get("larger")
     with f2:
-        st.markdown("**Nearest in the larger width**")
-        lg = fam.get("larger")
-        if lg:
-            ui.latent_link(lg["sae_width"], lg["latent"], lg["label"], extra=f"  (cos {views.fmt(lg['cos'], 3)})")
-        else:
-            st.caption("— (largest width)")
         children = [c for c in fam.get("children") or [] if not lg or c["latent"] != lg["latent"]]
         if children and lg:
             st.caption("Other larger latents whose nearest smaller latent is this one:")

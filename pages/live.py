@@ -20,19 +20,7 @@ with ui.guard():
     d_model = (atlas.manifest.get("model") or {}).get("d_model")
     stored = None
     if src == "row":
-        try:
-            width, latent = app_state.resolve_latent(atlas, ui.param("width"), ui.param("latent"))
-            bad = None
-        except app_state.BadInput as e:
-            (width, latent), bad = (app_state.default_width(atlas), 0), str(e)
-        c1, c2, _ = st.columns([1, 1, 3])
-        ui.bind("lv_width", width)
-        ui.bind("lv_latent", latent)
-        c1.selectbox("Width", atlas.widths, key="lv_width", on_change=ui.to_url(
-            "lv_width", "width", also={"latent": lambda: min(int(st.session_state["lv_latent"]),
-                                                            atlas.n_latents(st.session_state["lv_width"]) - 1)}))
-        c2.number_input("Latent", min_value=0, max_value=atlas.n_latents(width) - 1, step=1, key="lv_latent",
-                        on_change=ui.to_url("lv_latent", "latent", encode=int, also={"width": width}))
+        width, latent, bad = ui.latent_picker(atlas, "lv")
         if bad:
             raise app_state.BadInput(bad)
         ui.latent_link(width, latent, atlas.latent(width, latent)["label"])

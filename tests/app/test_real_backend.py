@@ -21,13 +21,11 @@ import numpy as np
 import pytest
 from app_helpers import texts
 from scipy.stats import spearmanr
-from streamlit.testing.v1 import AppTest
 
 from metasae import views
 from metasae.atlas import Atlas
 from metasae.backend.client import LocalBackendProcess
 
-APP = str(Path(__file__).resolve().parents[2] / "app.py")
 TEXT = "Albert Einstein was a German-born theoretical physicist."
 
 
@@ -66,27 +64,16 @@ def real_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pat
 
 
 @pytest.fixture
-def page(real_backend, monkeypatch: pytest.MonkeyPatch):
+def page(real_backend, monkeypatch: pytest.MonkeyPatch, run_page):
     """page(name, **query_params) -> the AppTest after one run, with the app pointed at the real backend."""
     import metasae.ui as ui
 
     atlas, proc = real_backend
-    monkeypatch.setenv("METASAE_ATLAS", str(atlas))
     monkeypatch.setenv("METASAE_BACKEND_URL", proc.url)
     monkeypatch.setenv("METASAE_TOKEN", proc.token)
     ui._backend.clear()  # a backend (or a fake) cached by an earlier test must not answer here
     ui.activations.clear()
-
-    def run(name: str, **params: str) -> AppTest:
-        at = AppTest.from_file(APP, default_timeout=120)
-        at.switch_page(f"pages/{name}.py")
-        for k, v in params.items():
-            at.query_params[k] = v
-        at.run()
-        assert not at.exception, [e.value for e in at.exception]
-        return at
-
-    yield run
+    yield lambda name, **params: run_page(atlas, name, timeout=120, **params)
     ui._backend.clear()
     ui.activations.clear()
 

@@ -10,23 +10,16 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM = Path("/usr/bin/chromium")
+from metasae.browser import CHROMIUM, CHROMIUM_ARGS, start_streamlit, stop
+
 # README screenshots come from the bundled atlas (scripts/screenshots.py); test runs keep theirs out of the tree.
 SHOTS = Path(os.environ.get("METASAE_SCREENSHOT_DIR") or Path(tempfile.gettempdir()) / "metasae-screenshots")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 90_000  # a 2-core machine busy with other work can be slow to draw a page the first time
 
 pytestmark = [
@@ -36,45 +29,20 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`streamlit run app.py` on a planted synthetic atlas; yields its base URL."""
     from metasae.synthetic_atlas import make_synthetic_atlas
 
     atlas = make_synthetic_atlas(tmp_path_factory.mktemp("browser") / "planted")
-    port = _free_port()
-    log = tmp_path_factory.mktemp("logs") / "streamlit.log"
-    env = {**os.environ, "METASAE_ATLAS": str(atlas), "OMP_NUM_THREADS": "1"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-             "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
-             "--server.fileWatcherType", "none", "--client.toolbarMode", "minimal"],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(base + "/_stcore/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"streamlit did not start:\n{log.read_text(errors='replace')[-3000:]}")
-                time.sleep(0.3)
+        proc, base = start_streamlit(atlas, tmp_path_factory.mktemp("logs") / "streamlit.log")
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    try:
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +50,7 @@ def page(server: str):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         pg = browser.new_page(viewport={"width": 1400, "height": 1000})
         pg.set_default_timeout(TIMEOUT_MS)
         yield pg

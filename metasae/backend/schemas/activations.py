@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from metasae.backend.schemas.common import NonNegInt
+from metasae.backend.schemas.common import NonNegInt, Request
 
 
-class ActivationsRequest(BaseModel):
+class ActivationsRequest(Request):
     text: str = Field(min_length=1, description="text to run through the model (no BOS is added)")
     width: NonNegInt = Field(description="SAE width of the atlas")
     top_k: int = Field(5, ge=1, le=64, strict=True, description="latents per token")
-
-    model_config = {"extra": "forbid"}
 
 
 class TokenLatent(BaseModel):

@@ -13,6 +13,12 @@ PosInt = Annotated[int, Field(strict=True, gt=0)]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
+class Request(BaseModel):
+    """A request body: unknown fields are refused (a typo must not silently fall back to a default)."""
+
+    model_config = {"extra": "forbid"}
+
+
 class ErrorResponse(BaseModel):
     """Every 4xx/5xx answer: `detail` starts with the name of the field at fault (`width: ...`)."""
 

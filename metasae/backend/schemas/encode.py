@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from metasae.backend.schemas.common import FiniteFloat, NonNegInt
+from metasae.backend.schemas.common import FiniteFloat, NonNegInt, Request
 
 
-class EncodeRequest(BaseModel):
+class EncodeRequest(Request):
     """Either `width` + `latent` (a decoder row of the atlas) or `vector` (d_model finite floats)."""
 
     width: NonNegInt | None = Field(None, description="SAE width of the atlas", examples=[2304])
@@ -15,8 +15,6 @@ class EncodeRequest(BaseModel):
     vector: list[FiniteFloat] | None = Field(None, max_length=1 << 16,
                                              description="a direction in the residual stream (d_model floats)")
     max_terms: int = Field(16, ge=1, le=64, strict=True, description="most meta-latents to return")
-
-    model_config = {"extra": "forbid"}
 
 
 class MetaLatentWeight(BaseModel):

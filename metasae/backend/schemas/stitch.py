@@ -6,10 +6,10 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from metasae.backend.schemas.common import NonNegInt, PosInt
+from metasae.backend.schemas.common import NonNegInt, PosInt, Request
 
 
-class StitchRequest(BaseModel):
+class StitchRequest(Request):
     """Exactly one of `text` (your tokens) or `n_tokens` (that many tokens of the atlas's own corpus)."""
 
     small: NonNegInt = Field(description="the smaller SAE width", examples=[1152])
@@ -21,8 +21,6 @@ class StitchRequest(BaseModel):
                                     description="decoder cosine for reconstruction latents (default: the atlas's)")
     seed: int = Field(0, ge=0, strict=True, description="which corpus sample `n_tokens` draws")
     n_shards: int | None = Field(None, ge=1, le=4096, strict=True, description="token shards (Ray tasks)")
-
-    model_config = {"extra": "forbid"}
 
     @field_validator("metrics")
     @classmethod
