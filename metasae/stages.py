@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -228,10 +228,19 @@ def stage_stats(ctx) -> None:
     tokens = store.tokens()
     acts_cache: dict[str, torch.Tensor] = {}
 
-    def ctx_acts(idx: np.ndarray) -> torch.Tensor:
+    def all_acts() -> torch.Tensor:
+        # the stats contexts (fp16, ~0.3 GB for the demo) are read from disk once and shared by every width
         if "all" not in acts_cache:
             acts_cache["all"] = torch.cat([a for _, a in store.iter_contexts(n_ctx)])
-        return acts_cache["all"][torch.as_tensor(idx)]
+        return acts_cache["all"]
+
+    def ctx_chunks(step: int = 256) -> Iterator[tuple[int, torch.Tensor]]:
+        acts = all_acts()
+        for lo in range(0, acts.shape[0], step):
+            yield lo, acts[lo:lo + step]
+
+    def ctx_acts(idx: np.ndarray) -> torch.Tensor:
+        return all_acts()[torch.as_tensor(idx)]
 
     W_U = lm.unembed()
     decode = lm.decode_tokens
@@ -239,7 +248,7 @@ def stage_stats(ctx) -> None:
         lat_path, ex_path = folder / f"latents_{sae.width}.parquet", folder / f"examples_{sae.width}.parquet"
         if lat_path.is_file() and ex_path.is_file():
             continue
-        s = stt.latent_stats(sae, store.iter_contexts(n_ctx), k=32, n_tokens=n_ctx * (store.ctx_len - 1),
+        s = stt.latent_stats(sae, ctx_chunks(), k=32, n_tokens=n_ctx * (store.ctx_len - 1),
                              progress=ctx["progress"], desc=f"stats {sae.width}")
         ex = stt.example_rows(sae, s, ctx_acts, tokens, decode, cfg.n_examples, cfg.example_window, sae.width)
         top_ids = stt.top_tokens(s, tokens)
