@@ -60,6 +60,7 @@ class BuildConfig:
     batch_size: int = 1024
     k: float = 32
     lr: float = 5e-4
+    center_input: bool = True  # subtract b_dec before encoding while training (folded away when saved)
     threshold: float = 0.7
     meta_width: int | None = None
     meta_k: float = 4
@@ -149,6 +150,14 @@ def contexts(cfg: BuildConfig, lm, work: Path, log) -> torch.Tensor:
     write_json_atomic(work / "corpus.json", {"sources": sources, "n_tokens": int(toks.numel()),
                                              "n_ctx": int(toks.shape[0]), "ctx_len": cfg.ctx_len})
     return toks
+
+
+def train_config(cfg: BuildConfig):
+    """The TrainConfig of the ladder's SAEs (each width adds its index to the seed)."""
+    from metasae.train import TrainConfig
+
+    return TrainConfig(architecture=cfg.architecture, n_tokens=cfg.train_tokens, batch_size=cfg.batch_size,
+                       lr=cfg.lr, k=cfg.k, center_input=cfg.center_input, seed=cfg.seed)
 
 
 def n_eval_ctx(cfg: BuildConfig) -> int:

@@ -46,7 +46,7 @@ def train_meta_sae(rows: torch.Tensor, cfg: MetaConfig | None = None, progress: 
     width = cfg.width or max(8, rows.shape[0] // 21)
     tcfg = TrainConfig(architecture="batchtopk", n_tokens=cfg.batch_size * cfg.n_batches, batch_size=cfg.batch_size,
                        lr=cfg.lr, k=cfg.k, aux_loss_coefficient=cfg.aux_loss_coefficient, seed=cfg.seed,
-                       lr_decay_frac=0.2, normalize=False)
+                       lr_decay_frac=0.2, normalize=False, center_input=False)
     meta = train_sae(_row_batches(rows.float(), cfg.batch_size, cfg.seed), rows.shape[1], width, tcfg,
                      hook="decoder_rows", model="meta-sae", init_b_dec=rows.float().mean(0), progress=progress)
     meta.metadata["meta"] = {"k": cfg.k, "n_rows": int(rows.shape[0])}

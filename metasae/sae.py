@@ -91,6 +91,17 @@ class Sae:
         return replace(self, W_enc=mv(self.W_enc), b_enc=mv(self.b_enc), W_dec=mv(self.W_dec),
                        b_dec=mv(self.b_dec), threshold=mv(self.threshold))
 
+    def folded(self) -> Sae:
+        """The same function with ``apply_b_dec_to_input=False``: b_dec's encoder term folded into b_enc.
+
+        (x - b_dec) @ W_enc + b_enc == x @ W_enc + (b_enc - b_dec @ W_enc), so encodings are unchanged; stitching
+        needs this form because it mixes latents of SAEs whose b_dec differ.
+        """
+        if not self.apply_b_dec_to_input:
+            return self
+        b_enc = (self.b_enc.double() - self.b_dec.double() @ self.W_enc.double()).to(self.b_enc.dtype)
+        return replace(self, b_enc=b_enc, apply_b_dec_to_input=False)
+
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.W_enc.dtype)
         if self.apply_b_dec_to_input:

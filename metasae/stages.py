@@ -7,7 +7,16 @@ from pathlib import Path
 
 import torch
 
-from metasae.build import BuildConfig, Stage, command_for, contexts, load_model, n_eval_ctx, write_json_atomic
+from metasae.build import (
+    BuildConfig,
+    Stage,
+    command_for,
+    contexts,
+    load_model,
+    n_eval_ctx,
+    train_config,
+    write_json_atomic,
+)
 
 ORDER = ["activations", "ladder", "evaluate", "stitching", "meta", "stats", "assemble"]
 
@@ -44,7 +53,7 @@ def stage_activations(ctx) -> None:
 
 
 def stage_ladder(ctx) -> None:
-    from metasae.train import TrainConfig, import_ladder, train_ladder
+    from metasae.train import import_ladder, train_ladder
 
     cfg, work = ctx["cfg"], ctx["work"]
     if cfg.import_release:
@@ -57,9 +66,7 @@ def stage_ladder(ctx) -> None:
                 s.save(work / "saes" / str(s.width))
         ctx["saes"] = saes
         return
-    tcfg = TrainConfig(architecture=cfg.architecture, n_tokens=cfg.train_tokens, batch_size=cfg.batch_size,
-                       lr=cfg.lr, k=cfg.k, seed=cfg.seed)
-    ctx["saes"] = train_ladder(ctx["store"], cfg.widths, tcfg, work / "saes", hook=cfg.hook, model=_lm(ctx).name,
+    ctx["saes"] = train_ladder(ctx["store"], cfg.widths, train_config(cfg), work / "saes", hook=cfg.hook, model=_lm(ctx).name,
                                eval_ctx=n_eval_ctx(cfg), progress=ctx["progress"], log=ctx["log"])
 
 

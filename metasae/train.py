@@ -31,6 +31,7 @@ class TrainConfig:
     aux_loss_coefficient: float = 1 / 32
     lr_warm_up_frac: float = 0.02
     lr_decay_frac: float = 0.2
+    center_input: bool = True  # subtract b_dec before encoding while training (folded into b_enc afterwards)
     normalize: bool = True  # scale inputs to mean norm sqrt(d) while training; folded into the weights after
     seed: int = 0
     device: str = "cpu"
@@ -52,12 +53,11 @@ def _training_sae(d_in: int, width: int, cfg: TrainConfig, hook: str, model: str
     norm = "expected_average_only_in" if cfg.normalize else "none"
     common = dict(d_in=d_in, d_sae=width, device=cfg.device, metadata=meta, normalize_activations=norm)
     if cfg.architecture == "standard":
-        # apply_b_dec_to_input=False keeps the encoder independent of b_dec, which stitching swaps.
         return StandardTrainingSAE(StandardTrainingSAEConfig(
             l1_coefficient=cfg.l1_coefficient, l1_warm_up_steps=int(cfg.l1_warm_up_frac * steps),
-            apply_b_dec_to_input=False, **common))
+            apply_b_dec_to_input=cfg.center_input, **common))
     return BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(
-        k=cfg.k, aux_loss_coefficient=cfg.aux_loss_coefficient, apply_b_dec_to_input=False, **common))
+        k=cfg.k, aux_loss_coefficient=cfg.aux_loss_coefficient, apply_b_dec_to_input=cfg.center_input, **common))
 
 
 def train_sae(batches: Iterator[torch.Tensor], d_in: int, width: int, cfg: TrainConfig, hook: str = "",
@@ -86,7 +86,9 @@ def train_sae(batches: Iterator[torch.Tensor], d_in: int, width: int, cfg: Train
     trainer.fit()
     with tempfile.TemporaryDirectory() as tmp:
         trainer.sae.save_inference_model(tmp)  # BatchTopK -> JumpReLU thresholds, per-latent activations
-        out = Sae.load(tmp)
+        # Without centring, the residual stream's large mean makes ~half of the k slots go to always-on latents.
+        # The saved SAE is folded (apply_b_dec_to_input=False): stitching mixes latents of SAEs with different b_dec.
+        out = Sae.load(tmp).folded()
     out.metadata.pop("source", None)
     out.metadata["training"] = asdict(cfg)
     return out
@@ -168,16 +170,19 @@ def train_ladder(store, widths: Sequence[int], cfg: TrainConfig, out_dir: str | 
 
 
 def import_ladder(specs: Sequence[str]) -> list[Sae]:
-    """SAEs from sae-lens: each spec is a local folder or 'release/sae_id' (hub cache; HF_HUB_OFFLINE honoured)."""
+    """SAEs from sae-lens: each spec is a local folder or 'release/sae_id' (hub cache; HF_HUB_OFFLINE honoured).
+
+    Each is folded to apply_b_dec_to_input=False (same outputs), the form stitching needs.
+    """
     out = []
     for spec in specs:
         if Path(spec).exists():
-            out.append(Sae.load(spec))
+            out.append(Sae.load(spec).folded())
         else:
             release, sep, sae_id = spec.partition(":")
             if not sep:
                 raise SaeError(f"{spec!r} is neither a folder nor 'release:sae_id'")
-            out.append(Sae.from_pretrained(release, sae_id))
+            out.append(Sae.from_pretrained(release, sae_id).folded())
     widths = [s.width for s in out]
     if widths != sorted(widths) or len(set(widths)) != len(widths):
         raise SaeError(f"a ladder needs strictly growing widths, got {widths}")

@@ -14,16 +14,15 @@ import sys
 from pathlib import Path
 
 from metasae.activations import ActivationStore
-from metasae.build import BuildConfig, n_eval_ctx
-from metasae.train import TrainConfig, train_ladder
+from metasae.build import BuildConfig, n_eval_ctx, train_config
+from metasae.train import train_ladder
 
 
 def main(argv: list[str]) -> int:
     work, widths = Path(argv[0]), [int(w) for w in argv[1:]]
     cfg = BuildConfig(**json.loads((work / "config.json").read_text()))
     store = ActivationStore.open(work / "acts")
-    tcfg = TrainConfig(architecture=cfg.architecture, n_tokens=cfg.train_tokens, batch_size=cfg.batch_size,
-                       lr=cfg.lr, k=cfg.k, seed=cfg.seed)
+    tcfg = train_config(cfg)
     # the build names SAEs after the loaded model, which the activation store recorded
     train_ladder(store, cfg.widths, tcfg, work / "saes", hook=cfg.hook, model=store.meta["model"],
                  eval_ctx=n_eval_ctx(cfg), only=widths)

@@ -21,9 +21,9 @@ RELEASE = "gpt2-small-res-jb-feature-splitting"
 REPO = "models--jbloom--GPT2-Small-Feature-Splitting-Experiment-Layer-8"
 
 
-def _sae_lens_sae(d_in: int, width: int, hook: str, seed: int) -> StandardSAE:
+def _sae_lens_sae(d_in: int, width: int, hook: str, seed: int, apply_b_dec: bool = False) -> StandardSAE:
     torch.manual_seed(seed)
-    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=width, apply_b_dec_to_input=False,
+    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=width, apply_b_dec_to_input=apply_b_dec,
                                         metadata=SAEMetadata(hook_name=hook, model_name="gpt2-small")))
     with torch.no_grad():
         for p in sae.parameters():
@@ -62,15 +62,17 @@ def test_offline_hub_miss_is_a_clear_error(tmp_path: Path) -> None:
     assert "cannot load sae-lens release 'gpt2-small-res-jb-feature-splitting'" in r.stderr
 
 
-def test_import_ladder_from_folders_keeps_outputs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("apply_b_dec", [False, True])
+def test_import_ladder_from_folders_keeps_outputs(tmp_path: Path, apply_b_dec: bool) -> None:
     hook = "blocks.2.hook_resid_pre"
-    saes = [_sae_lens_sae(32, w, hook, i) for i, w in enumerate((64, 128))]
+    saes = [_sae_lens_sae(32, w, hook, i, apply_b_dec) for i, w in enumerate((64, 128))]
     for s in saes:
         s.save_model(tmp_path / f"{hook}_{s.cfg.d_sae}")
     ladder = import_ladder([str(tmp_path / f"{hook}_{w}") for w in (64, 128)])
     x = torch.randn(7, 32)
     for ours, theirs in zip(ladder, saes, strict=True):
-        assert torch.allclose(ours.reconstruct(x), theirs(x), atol=1e-6)
+        assert torch.allclose(ours.reconstruct(x), theirs(x), atol=1e-5)
+        assert not ours.apply_b_dec_to_input  # folded: the form stitching needs
     with pytest.raises(SaeError, match="strictly growing widths"):
         import_ladder([str(tmp_path / f"{hook}_128"), str(tmp_path / f"{hook}_64")])
     with pytest.raises(SaeError, match="neither a folder nor"):

@@ -44,6 +44,21 @@ def test_encode_decode_follow_the_formula(make_sae, jumprelu, apply_b_dec):
 
 
 @pytest.mark.parametrize("jumprelu", [False, True])
+def test_folded_encodes_the_same_without_b_dec_on_the_input(make_sae, jumprelu):
+    sae = make_sae(12, 20, seed=5, jumprelu=jumprelu, apply_b_dec_to_input=True)
+    with torch.no_grad():
+        sae.b_dec.mul_(0).add_(torch.linspace(-3, 3, 12))  # large enough that forgetting it changes the codes
+    folded = sae.folded()
+    assert not folded.apply_b_dec_to_input and folded.folded() is folded
+    x = _inputs(12)
+    torch.testing.assert_close(folded.encode(x), sae.encode(x), rtol=1e-5, atol=1e-5)
+    unfolded = Sae(**{**sae.__dict__, "apply_b_dec_to_input": False})
+    assert not torch.allclose(unfolded.encode(x), sae.encode(x), atol=1e-3)  # the fold is what keeps them equal
+    torch.testing.assert_close(folded.W_dec, sae.W_dec)
+    torch.testing.assert_close(folded.b_dec, sae.b_dec)
+
+
+@pytest.mark.parametrize("jumprelu", [False, True])
 @pytest.mark.parametrize("apply_b_dec", [False, True])
 def test_ours_saved_loads_in_sae_lens_with_identical_outputs(tmp_path, make_sae, jumprelu, apply_b_dec):
     from sae_lens import SAE
