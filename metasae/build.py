@@ -61,6 +61,7 @@ class BuildConfig:
     k: float = 32
     lr: float = 5e-4
     center_input: bool = True  # subtract b_dec before encoding while training (folded away when saved)
+    max_norm_ratio: float | None = 5.0  # tokens with norm > this x median (attention sinks) left out of training/MSE
     threshold: float = 0.7
     meta_width: int | None = None
     meta_k: float = 4
@@ -157,7 +158,8 @@ def train_config(cfg: BuildConfig):
     from metasae.train import TrainConfig
 
     return TrainConfig(architecture=cfg.architecture, n_tokens=cfg.train_tokens, batch_size=cfg.batch_size,
-                       lr=cfg.lr, k=cfg.k, center_input=cfg.center_input, seed=cfg.seed)
+                       lr=cfg.lr, k=cfg.k, center_input=cfg.center_input, max_norm_ratio=cfg.max_norm_ratio,
+                       seed=cfg.seed)
 
 
 def n_eval_ctx(cfg: BuildConfig) -> int:

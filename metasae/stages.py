@@ -79,7 +79,7 @@ def stage_evaluate(ctx) -> None:
         return
     store, lm = ctx["store"], _lm(ctx)
     ev_ctx = n_eval_ctx(cfg)
-    acts = store.flat(ev_ctx)
+    acts = store.flat(ev_ctx, cfg.max_norm_ratio)
     tokens = store.tokens()[: min(ev_ctx, cfg.ce_ctx)]
     rows = []
     for sae in ctx["saes"]:
@@ -101,7 +101,7 @@ def _saes(ctx):
 
 def _eval_acts(ctx) -> torch.Tensor:
     if "eval_acts" not in ctx:
-        ctx["eval_acts"] = ctx["store"].flat(n_eval_ctx(ctx["cfg"]))
+        ctx["eval_acts"] = ctx["store"].flat(n_eval_ctx(ctx["cfg"]), ctx["cfg"].max_norm_ratio)
     return ctx["eval_acts"]
 
 

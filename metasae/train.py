@@ -32,6 +32,7 @@ class TrainConfig:
     lr_warm_up_frac: float = 0.02
     lr_decay_frac: float = 0.2
     center_input: bool = True  # subtract b_dec before encoding while training (folded into b_enc afterwards)
+    max_norm_ratio: float | None = None  # drop training rows with norm > this x median (attention sinks)
     normalize: bool = True  # scale inputs to mean norm sqrt(d) while training; folded into the weights after
     seed: int = 0
     device: str = "cpu"
@@ -157,11 +158,13 @@ def train_ladder(store, widths: Sequence[int], cfg: TrainConfig, out_dir: str | 
             continue
         if init_b_dec is None:
             # Geometric-median-like init (the mean) speeds early training; computed once, cheaply.
-            first = next(store.provider(cfg.batch_size * 4, seed=cfg.seed, skip_ctx=eval_ctx))
+            first = next(store.provider(cfg.batch_size * 4, seed=cfg.seed, skip_ctx=eval_ctx,
+                                        max_norm_ratio=cfg.max_norm_ratio))
             init_b_dec = first.mean(0)
         t = time.time()
         wcfg = TrainConfig(**{**asdict(cfg), "seed": cfg.seed + i})
-        sae = train_sae(store.provider(cfg.batch_size, seed=cfg.seed + i, skip_ctx=eval_ctx), store.d_model, width,
+        batches = store.provider(cfg.batch_size, seed=cfg.seed + i, skip_ctx=eval_ctx, max_norm_ratio=cfg.max_norm_ratio)
+        sae = train_sae(batches, store.d_model, width,
                         wcfg, hook=hook, model=model, init_b_dec=init_b_dec, progress=progress)
         sae.save(path)
         log(f"trained width {width} in {time.time() - t:.0f}s")

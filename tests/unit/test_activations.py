@@ -147,7 +147,8 @@ P_CTX, P_LEN, P_SHARD, P_D = 12, 5, 4, 3
 MARKER = -1000.0
 
 
-def _planted_store(root) -> ActivationStore:
+def _planted_store(root, sinks: tuple[tuple[int, int], ...] = ()) -> ActivationStore:
+    """Rows hold their training row id in every dim; `sinks` (ctx, pos) hold 10000 (an attention sink's norm)."""
     root.mkdir()
     meta = {
         "model": "planted",
@@ -164,6 +165,8 @@ def _planted_store(root) -> ActivationStore:
     acts = torch.empty(P_CTX, P_LEN, P_D)
     acts[:, 0] = MARKER
     acts[:, 1:] = ids[..., None]
+    for c, p in sinks:
+        acts[c, p] = 10_000.0
     store = ActivationStore(root, meta)
     for i in range(store.n_shards):
         save_file(
@@ -221,3 +224,18 @@ def test_provider_refuses_a_batch_larger_than_its_buffers_instead_of_hanging(tmp
     with pytest.raises(ActivationError, match="raise buffer_shards"):
         next(store.provider(20, buffer_shards=1))  # 16 rows a shard, 48 in all
     assert next(store.provider(20, buffer_shards=3)).shape == (20, P_D)
+
+
+def test_attention_sinks_are_left_out_of_training_and_evaluation_rows(tmp_path):
+    sinks = ((0, 1), (5, 3), (11, 4))
+    store = _planted_store(tmp_path / "p", sinks)
+    sink_ids = {c * (P_LEN - 1) + p - 1 for c, p in sinks}
+    n_rows = P_CTX * (P_LEN - 1)
+    # one epoch with buffer_shards=3 is one buffer of 48 rows -> 45 kept -> 11 batches of 4 (one row left over)
+    kept = torch.cat(_take(store.provider(4, seed=0, buffer_shards=3, max_norm_ratio=5.0), 11))
+    assert not bool((kept == 10_000).any())
+    assert set(kept[:, 0].long().tolist()) <= set(range(n_rows)) - sink_ids
+    assert len(set(kept[:, 0].long().tolist())) == 44
+    flat = store.flat(max_norm_ratio=5.0)
+    assert sorted(flat[:, 0].long().tolist()) == sorted(set(range(n_rows)) - sink_ids)
+    assert store.flat().shape[0] == n_rows  # without the ratio nothing is dropped
