@@ -60,7 +60,7 @@ class BuildConfig:
     batch_size: int = 1024
     k: float = 32
     lr: float = 5e-4
-    center_input: bool = True  # subtract b_dec before encoding while training (folded away when saved)
+    center_input: bool = False  # subtract b_dec before encoding while training (folded away when saved)
     max_norm_ratio: float | None = 5.0  # tokens with norm > this x median (attention sinks) left out of training/MSE
     threshold: float = 0.7
     meta_width: int | None = None
