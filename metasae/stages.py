@@ -134,11 +134,14 @@ def stage_stitching(ctx) -> None:
         attr_lat = st.delta_ce_attribution(lm, cfg.hook, cs, small, large, per_latent, ones, L + 1)[:L].numpy()
         group_t = torch.as_tensor(m.group)
         attr_grp = st.delta_ce_attribution(lm, cfg.hook, cs, small, large, group_t, m.signs(), m.n_groups).numpy()
-        # exact ΔCE on a sample: the latents with the largest attributed effect plus a random draw
+        # exact ΔCE on a sample: the latents with the largest attributed effect plus a random draw among those
+        # that fire on the CE tokens (a latent silent there has ΔCE exactly 0 both ways: a tie that says nothing)
         rng = np.random.default_rng(cfg.seed)
         n_ex = min(cfg.exact_ce_latents, L)
         top = np.argsort(-np.abs(attr_lat))[: n_ex // 2]
-        rest = np.setdiff1d(np.arange(L), top)
+        rest = np.setdiff1d(np.flatnonzero(attr_lat != 0), top)
+        if len(rest) < n_ex - len(top):
+            rest = np.setdiff1d(np.arange(L), top)
         sample = np.sort(np.concatenate([top, rng.choice(rest, n_ex - len(top), replace=False)]))
         exact = st.delta_ce_exact(lm, cfg.hook, cs, small, large, per_latent, ones, sample.tolist(),
                                   progress=ctx["progress"]).numpy()
