@@ -1,0 +1,39 @@
+"""metasae.report's derived tables, checked against per-latent loops over the planted synthetic atlas."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from metasae import report
+from metasae.atlas import Atlas
+from metasae.synthetic_atlas import make_synthetic_atlas
+
+
+@pytest.fixture(scope="module")
+def atlas(tmp_path_factory) -> Atlas:
+    return Atlas.open(make_synthetic_atlas(tmp_path_factory.mktemp("report") / "a", widths=(32, 64), plant=False))
+
+
+def test_ladder_health_counts_match_a_loop(atlas):
+    h = report.ladder_health(atlas).set_index("width")
+    for w in atlas.widths:
+        dens = [atlas.latent(w, i)["density"] for i in range(atlas.n_latents(w))]
+        assert h.loc[w, "dead"] == pytest.approx(sum(d == 0 for d in dens) / len(dens))
+        assert h.loc[w, "rare"] == pytest.approx(sum(0 < d < report.LIVE_DENSITY for d in dens) / len(dens))
+        assert h.loc[w, "always_on"] == sum(d > report.ALWAYS_ON_DENSITY for d in dens)
+
+
+def test_pair_detail_novel_among_live_and_small_effect_spearman(atlas):
+    small, large = atlas.widths
+    d = report.pair_detail(atlas, small, large)
+    rows = [atlas.latent(large, i) for i in range(atlas.n_latents(large))]
+    live = [r for r in rows if r["density"] >= report.LIVE_DENSITY]
+    assert d["live_frac"] == pytest.approx(len(live) / len(rows))
+    assert d["novel_live"] == pytest.approx(np.mean([r["kind"] == "novel" for r in live]))
+    pairs = [(r["delta_ce"], r["delta_ce_attr"]) for r in rows
+             if r["delta_ce"] is not None and np.isfinite(r["delta_ce"]) and abs(r["delta_ce"]) < 0.05]
+    assert d["n_small"] == len(pairs) > 2
+    from scipy.stats import spearmanr
+
+    assert d["spearman_small"] == pytest.approx(spearmanr(*zip(*pairs, strict=True)).statistic, abs=1e-9)
