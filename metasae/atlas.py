@@ -43,6 +43,8 @@ SAE_FILES = ("cfg.json", "sae_weights.safetensors")
 _MAX_LISTED_PROBLEMS = 8
 
 
+DEAD_LABEL = "(dead)"  # the label of a latent that never fired on the statistics tokens
+
 class AtlasError(Exception):
     """An atlas folder, table or manifest is unusable; the message names the file and the problem."""
 

@@ -289,6 +289,7 @@ def stage_stats(ctx) -> None:
     lat = pd.read_parquet(folder / f"latents_{largest}.parquet")
     d = decomp[decomp.sae_width == largest]
     boosted = stt.boosted_tokens(meta.W_dec, W_U, decode)
+    idf = stt.token_idf(list(lat.top_tokens))
     rows = []
     n_lat = len(lat)
     for m in range(meta.width):
@@ -301,7 +302,7 @@ def stage_stats(ctx) -> None:
         for toks, ww in zip(members_tok, w, strict=True):
             for t in toks[:3]:
                 agg[t] += ww
-        rows.append({"meta_latent": m, "label": stt.label_meta(members_tok, w),
+        rows.append({"meta_latent": m, "label": stt.label_meta(members_tok, w, idf=idf),
                      "n_members": int(decomp[decomp.meta_latent == m].shape[0]), "density": len(mem) / n_lat,
                      "top_tokens": [t for t, _ in agg.most_common(10)], "top_logits": boosted[m],
                      "hist_counts": counts.astype(np.int32), "hist_edges": edges.astype(np.float32)})

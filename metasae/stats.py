@@ -12,6 +12,7 @@ combine the most frequent top tokens of their members, weighted by membership we
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from metasae.atlas import DEAD_LABEL
 from metasae.sae import Sae
 
 N_BINS = 24
@@ -216,7 +218,7 @@ def label_latent(top_toks: list[str], boosted: list[str], n: int = 3) -> str:
         if len(toks) == n:
             break
     if not toks:
-        return "(dead)"
+        return DEAD_LABEL
     label = " / ".join(toks)
     if boosted:
         b = _clean(boosted[0])
@@ -225,11 +227,26 @@ def label_latent(top_toks: list[str], boosted: list[str], n: int = 3) -> str:
     return label
 
 
-def label_meta(members_top_tokens: list[list[str]], weights: list[float], n: int = 3) -> str:
-    """Meta-latent label from its members' top tokens, weighted by membership weight."""
+def token_idf(all_top_tokens: list[list[str]], top: int = 5) -> dict[str, float]:
+    """Inverse document frequency of each cleaned token over many latents' top tokens: log(n / (1 + df))."""
+    df: Counter = Counter()
+    for toks in all_top_tokens:
+        df.update({_clean(t).lower() for t in list(toks)[:top]})
+    n = max(len(all_top_tokens), 1)
+    return {t: math.log(n / (1 + c)) for t, c in df.items()}
+
+
+def label_meta(members_top_tokens: list[list[str]], weights: list[float], n: int = 3,
+               idf: dict[str, float] | None = None) -> str:
+    """Meta-latent label from its members' top tokens, weighted by membership weight and rank.
+
+    With `idf` (see token_idf) tokens that top many latents anyway ("the", "of") count for less, so the label
+    names what the members share rather than what every latent has.
+    """
     c: Counter = Counter()
     for toks, w in zip(members_top_tokens, weights, strict=True):
-        for rank, t in enumerate(toks[:5]):
-            c[_clean(t).lower()] += w / (1 + rank)
-    words = [t for t, _ in c.most_common(n)]
+        for rank, t in enumerate(list(toks)[:5]):
+            key = _clean(t).lower()
+            c[key] += w / (1 + rank) * (max(idf.get(key, 0.0), 0.0) if idf is not None else 1.0)
+    words = [t for t, v in c.most_common(n) if v > 0]
     return " / ".join(words) if words else "(no members)"

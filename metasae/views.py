@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from metasae.app_state import BadInput, Term, clean_query
-from metasae.atlas import Atlas, AtlasError, UnknownLatentError
+from metasae.atlas import DEAD_LABEL, Atlas, AtlasError, UnknownLatentError
 
 KIND_COLORS = {"novel": "#e4572e", "reconstruction": "#4c78a8", None: "#9e9e9e"}
 LADDER_COLUMNS = ["width", "l0", "mse", "fvu", "ce_loss", "ce_delta"]
@@ -270,8 +270,8 @@ def radial_graph(atlas: Atlas, width: int, latent: int, n_meta: int = 5, n_each:
         edges.append((0, nid, float(w), True))
         members = atlas.members(int(m))
         member_sets.append((nid, members))
-        fresh = [r for r in members.itertuples(index=False)
-                 if (int(r.sae_width), int(r.latent)) not in placed][:n_each]
+        fresh = [r for r in members.itertuples(index=False) if (int(r.sae_width), int(r.latent)) not in placed]
+        fresh = sorted(fresh, key=lambda r: r.label == DEAD_LABEL)[:n_each]  # live latents first (stable)
         step = min(2 * math.pi / k * 0.75, 1.4) / max(len(fresh) - 1, 1)  # members fan out around their meta
         for q, r in enumerate(fresh):
             a = ang + (q - (len(fresh) - 1) / 2) * step

@@ -9,7 +9,7 @@ import pytest
 
 from metasae import app_state, plots, views
 from metasae.app_state import BadInput, Term
-from metasae.atlas import Atlas, AtlasError
+from metasae.atlas import DEAD_LABEL, Atlas, AtlasError
 from metasae.search import SearchIndex
 from metasae.synthetic_atlas import PLANTED
 
@@ -189,6 +189,23 @@ def test_latent_view_and_radial_graph(atlas):
     curie = n[(n.sae_width == 256) & (n.latent == 42)]
     if len(curie):
         assert sum(b == curie.index[0] for _, b, _, _ in g.edges) >= 2
+
+
+def test_radial_graph_shows_live_latents_before_dead_ones(atlas, monkeypatch):
+    real = atlas.members
+
+    def members_with_dead_on_top(m, width=None):
+        df = real(m, width)
+        df.loc[df.index[:3], "label"] = DEAD_LABEL  # the three strongest members never fired
+        return df
+
+    monkeypatch.setattr(atlas, "members", members_with_dead_on_top)
+    g = views.radial_graph(atlas, 128, 7, n_meta=1, n_each=3)
+    shown = g.nodes[g.nodes.kind == "latent"]
+    live = [r for r in members_with_dead_on_top(3).itertuples() if r.label != DEAD_LABEL
+            and (r.sae_width, r.latent) != (128, 7)][:3]
+    assert len(shown) == 3 and DEAD_LABEL not in set(shown["label"])
+    assert list(zip(shown.sae_width, shown.latent, strict=True)) == [(r.sae_width, r.latent) for r in live]
 
 
 def test_meta_view(atlas):

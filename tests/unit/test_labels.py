@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
 from metasae.labels import LabelError, LlmLabeller, build_prompt
-from metasae.stats import label_latent, label_meta
+from metasae.stats import label_latent, label_meta, token_idf
 
 
 class _Stub(BaseHTTPRequestHandler):
@@ -89,3 +90,13 @@ def test_offline_labels() -> None:
 def test_prompt_marks_max_token() -> None:
     p = build_prompt(["a"], ["b"], [{"tokens": ["x", "y", "z"], "position": 2}])
     assert "xy[[z]]" in p
+
+
+def test_meta_label_with_idf_prefers_shared_rare_tokens_over_common_ones():
+    # "the" tops every latent; "paris"/"france" only these members
+    everyone = [[" the", f" w{i}"] for i in range(50)] + [[" the", " Paris"], [" the", " France"]]
+    idf = token_idf(everyone)
+    assert idf["the"] == pytest.approx(math.log(52 / 53)) and idf["paris"] == pytest.approx(math.log(52 / 2))
+    members = [[" the", " Paris"], [" the", " France"]]
+    assert label_meta(members, [1.0, 0.9]).startswith("the")  # without idf the common token wins
+    assert label_meta(members, [1.0, 0.9], idf=idf) == "paris / france"
