@@ -64,6 +64,9 @@ def ladder_figure(ladder: pd.DataFrame, curves: dict[tuple[int, int], pd.DataFra
             textposition="top right", marker=dict(size=11, color="#222", symbol="diamond"),
             hovertemplate="width %{text}<br>L0 %{x:.3g}<br>MSE %{y:.4g}<extra></extra>"))
     fig.update_layout(legend=dict(orientation="h", y=-0.2))
+    mses = [c["mse"].min() for c in curves.values() if not c.empty] + list(ok["mse"])
+    if mses and min(mses) > 0:  # a stitched path can overshoot the SAEs by 10x: log keeps both readable
+        fig.update_yaxes(type="log")
     return fig
 
 

@@ -78,6 +78,35 @@ def pair_detail(atlas: Atlas, small: int, large: int) -> dict[str, float]:
     return out
 
 
+def path_row(small: int, large: int, c: pd.DataFrame) -> str:
+    """One markdown table row: MSE and CE at both ends of a stitching path and their extremes along it."""
+    mse = c["mse"].to_numpy(dtype=float)
+    ce = c.dropna(subset=["ce_loss"])
+    lo, hi = int(mse.argmin()), int(mse.argmax())
+    cells = [f"{small}→{large}", f"{mse[0]:.0f} → {mse[-1]:.0f}", f"{mse[lo]:.0f} ({lo})", f"{mse[hi]:.0f} ({hi})"]
+    if len(ce) >= 2:
+        v, steps = ce["ce_loss"].to_numpy(dtype=float), ce["step"].to_numpy()
+        cells += [f"{v[0]:.3f} → {v[-1]:.3f}", f"{v.min():.3f} ({steps[v.argmin()]})",
+                  f"{v.max():.3f} ({steps[v.argmax()]})"]
+    else:
+        cells += ["—", "—", "—"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def ce_note(curves: dict[tuple[int, int], pd.DataFrame]) -> list[str]:
+    """A sentence for the pairs whose path reaches a lower next-token loss than both of its SAEs."""
+    below = []
+    for (s, lg), c in sorted(curves.items()):
+        v = c["ce_loss"].dropna().to_numpy(dtype=float)
+        if len(v) >= 3 and v.min() < min(v[0], v[-1]) - 1e-3:
+            below.append(f"{s}→{lg} ({v.min():.3f} vs {v[0]:.3f} and {v[-1]:.3f})")
+    if not below:
+        return []
+    return ["", "Mid-path, the stitched SAE predicts the next token better than both of its end points for "
+            + ", ".join(below) + ": adding the novel latents that help most, before any old latent is "
+            "removed, gives an SAE wider than either rung, with a higher L0."]
+
+
 def meta_terms_figure(atlas: Atlas, width: int) -> go.Figure:
     dec = atlas.tables["decompositions"].to_pandas()
     n = dec[dec.sae_width == width].groupby("latent").size()
@@ -157,8 +186,19 @@ def write_report(atlas_path: str | Path, out_dir: str | Path) -> Path:
         "",
         f"![max cosine](figures/{f_cos})",
         "",
-        "Stitching: starting from the small SAE, novel latents are added and swap groups exchanged one at a time "
-        "(largest MSE benefit first); the curve moves smoothly from each SAE to the next (diamonds).",
+        "Stitching: starting from the small SAE, novel latents are added, swap groups exchanged and unmatched "
+        "small latents removed one at a time, each action ranked by its own ΔMSE against the small SAE (largest "
+        "benefit first). Along each path (log scale):",
+        "",
+        "| pair | MSE small → large | lowest MSE on the path (step) | highest MSE on the path (step) | "
+        "CE small → large | lowest CE measured (step) | highest CE measured (step) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        *[path_row(s, lg, c) for (s, lg), c in sorted(curves.items()) if not c.empty],
+        "",
+        "In the paper the path moves smoothly from one SAE to the next. Here the helpful actions come first and "
+        "the path's last steps re-cut the always-on subspace: removing the small SAE's always-on latents and "
+        "adding the large SAE's, one at a time, overshoots the MSE before both sets are exchanged.",
+        *ce_note(curves),
         "",
         f"![MSE vs L0](figures/{f_ladder})",
         "",
