@@ -115,6 +115,7 @@ alive() { # the children still running (bash reaps exited ones as they end)
 
 stop_children() { # SIGTERM, then SIGKILL to whatever still runs after the grace period
   local p ticks=0
+  kill "$waker" 2>/dev/null || true
   for p in "${pids[@]}"; do
     kill -s TERM "$p" 2>/dev/null || true
   done
@@ -132,8 +133,12 @@ stop_children() { # SIGTERM, then SIGKILL to whatever still runs after the grace
 # shellcheck disable=SC2317  # invoked by the traps below
 on_signal() {
   stop_signal="$1"
+  # a signal that lands just before `wait -n` starts would not interrupt it; the waker's death always does
+  kill "$waker" 2>/dev/null || true
   log "got SIG$1: stopping the backend and the app"
 }
+sleep infinity >/dev/null 2>&1 &
+waker=$!
 trap 'on_signal TERM' TERM
 trap 'on_signal INT' INT
 
@@ -149,8 +154,11 @@ set +e
 died=""
 code=0
 while [ -z "$stop_signal" ] && [ -z "${died:-}" ]; do
-  wait -n -p died "${pids[@]}" # returns early (status > 128) when a trapped signal arrives
+  wait -n -p died "${pids[@]}" "$waker" # returns early (status > 128) when a trapped signal arrives
   code=$?
+  if [ "${died:-}" = "$waker" ]; then
+    died=""
+  fi
   if [ -z "$stop_signal" ] && [ -z "${died:-}" ] && [ "$code" -eq 127 ]; then
     died=unknown # no child left to wait for
   fi
