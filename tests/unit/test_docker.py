@@ -110,6 +110,12 @@ while kill -0 "$sp" 2>/dev/null; do wait "$sp"; done
 """
 
 
+def _default_signals() -> None:
+    """A shell cannot trap a signal ignored when it starts; pytest run in the background (`cmd &`) ignores SIGINT."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 class Run:
     """One entrypoint process with stubs on PATH; `rec(name, what)` reads what a stub recorded."""
 
@@ -124,7 +130,7 @@ class Run:
         self.env = base | {"PATH": f"{self.dir}:{os.environ['PATH']}", "STUB_DIR": str(self.dir),
                            "METASAE_RUN_DIR": str(tmp)} | env
         self.proc = subprocess.Popen(["bash", str(ENTRYPOINT), *args], env=self.env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+                                     stderr=subprocess.PIPE, text=True, preexec_fn=_default_signals)
 
     def rec(self, name: str, what: str) -> str | None:
         p = self.dir / f"{name}.{what}"
