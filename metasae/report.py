@@ -63,15 +63,12 @@ def ladder_health(atlas: Atlas) -> pd.DataFrame:
 
 def pair_detail(atlas: Atlas, small: int, large: int) -> dict[str, float]:
     """Novel fraction among live latents only, and exact-vs-attribution ΔCE agreement split by effect size."""
-    t = views.stitching_table(atlas, small, large).merge(atlas.latents_table(large, ["latent", "density"]),
-                                                         on="latent", suffixes=("", "_stats"))
-    dens = t["density_stats"] if "density_stats" in t else t["density"]
-    live = t[dens.to_numpy(dtype=float) >= LIVE_DENSITY]
+    t = views.stitching_table(atlas, small, large)  # holds the large SAE's density column
+    live = t[t["density"].to_numpy(dtype=float) >= LIVE_DENSITY]
     out = {"live_frac": len(live) / max(len(t), 1),
            "novel_live": float((live["kind"] == "novel").mean()) if len(live) else float("nan")}
     both = t[["delta_ce", "delta_ce_attr"]].dropna() if "delta_ce_attr" in t else pd.DataFrame()
     small_eff = both[both["delta_ce"].abs() < 0.05]
-    out["n_exact"] = len(both)
     out["spearman_small"] = (float(small_eff["delta_ce"].rank().corr(small_eff["delta_ce_attr"].rank()))
                              if len(small_eff) > 2 else float("nan"))
     out["n_small"] = len(small_eff)
@@ -80,10 +77,11 @@ def pair_detail(atlas: Atlas, small: int, large: int) -> dict[str, float]:
 
 def path_row(small: int, large: int, c: pd.DataFrame) -> str:
     """One markdown table row: MSE and CE at both ends of a stitching path and their extremes along it."""
-    mse = c["mse"].to_numpy(dtype=float)
+    mse, step = c["mse"].to_numpy(dtype=float), c["step"].to_numpy()
     ce = c.dropna(subset=["ce_loss"])
     lo, hi = int(mse.argmin()), int(mse.argmax())
-    cells = [f"{small}→{large}", f"{mse[0]:.0f} → {mse[-1]:.0f}", f"{mse[lo]:.0f} ({lo})", f"{mse[hi]:.0f} ({hi})"]
+    cells = [f"{small}→{large}", f"{mse[0]:.0f} → {mse[-1]:.0f}", f"{mse[lo]:.0f} ({step[lo]})",
+             f"{mse[hi]:.0f} ({step[hi]})"]
     if len(ce) >= 2:
         v, steps = ce["ce_loss"].to_numpy(dtype=float), ce["step"].to_numpy()
         cells += [f"{v[0]:.3f} → {v[-1]:.3f}", f"{v.min():.3f} ({steps[v.argmin()]})",
