@@ -35,8 +35,8 @@ with left, st.container(border=True):
         + (f"**{nf:.0%}** of them on average here" if nf is not None else "")
         + " (the paper finds ~35% on GPT-2). The rest are **reconstruction** latents that re-cut old ones. "
           "Adding the novel latents and swapping the groups one at a time walks from the small SAE to the large "
-          "one (the paths on the MSE-vs-L0 plane below; in the paper they are smooth), and the SAEs met on the "
-          "way are as good as the rungs: there is no single right width, so no canonical set of units.")
+          "one (the paths on the MSE-vs-L0 plane below; in the paper they are smooth, so the SAEs met on the way "
+          "are as good as the rungs): there is no single right width, so no canonical set of units.")
     ui.page_link("stitching", "Explore a stitching pair", icon=":material/call_merge:")
 with right, st.container(border=True):
     st.subheader("2 · Latents are not atomic")
