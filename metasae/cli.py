@@ -73,6 +73,16 @@ def cmd_verify(a: argparse.Namespace) -> int:
     return 0
 
 
+def _num(x: object, fmt: str, width: int = 0) -> str:
+    """A manifest number formatted, or "-" when it is missing or null (NaN is stored as null)."""
+    ok = isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
+    return format(format(x, fmt) if ok else "-", f">{width}")
+
+
+def _obj(x: object) -> dict:
+    return x if isinstance(x, dict) else {}
+
+
 def cmd_info(a: argparse.Namespace) -> int:
     from metasae.atlas import AtlasError, read_manifest
 
@@ -82,19 +92,23 @@ def cmd_info(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(m, indent=1))
         return 0
-    mod = m.get("model", {})
+    mod, c = _obj(m.get("model")), _obj(m.get("corpus"))
     print(f"model   {mod.get('name')}  hook {mod.get('hook')}  d_model {mod.get('d_model')}")
-    c = m.get("corpus", {})
-    print(f"corpus  {', '.join(c.get('sources') or [])}  {c.get('n_tokens')} tokens")
+    sources = c.get("sources") if isinstance(c.get("sources"), list) else []
+    print(f"corpus  {', '.join(map(str, sources))}  {_num(c.get('n_tokens'), 'd')} tokens")
     print(f"{'width':>7} {'L0':>7} {'MSE':>9} {'FVU':>6} {'CE':>7} {'ΔCE':>7}")
-    for s in m.get("saes", []):
-        print(f"{s['width']:>7} {s['l0']:>7.1f} {s['mse']:>9.2f} {s['fvu']:>6.3f} {s['ce_loss']:>7.3f} "
-              f"{s['ce_delta']:>7.3f}")
-    for p in m.get("stitching", {}).get("pairs", []):
-        print(f"pair {p['small']}->{p['large']}: novel {p['novel_frac']:.1%}, {p['n_groups']} groups")
-    ms = m.get("meta_sae") or {}
+    for s in m.get("saes") if isinstance(m.get("saes"), list) else []:
+        s = _obj(s)
+        print(f"{_num(s.get('width'), 'd', 7)} {_num(s.get('l0'), '.1f', 7)} {_num(s.get('mse'), '.2f', 9)} "
+              f"{_num(s.get('fvu'), '.3f', 6)} {_num(s.get('ce_loss'), '.3f', 7)} {_num(s.get('ce_delta'), '.3f', 7)}")
+    pairs = _obj(m.get("stitching")).get("pairs")
+    for p in pairs if isinstance(pairs, list) else []:
+        p = _obj(p)
+        print(f"pair {p.get('small')}->{p.get('large')}: novel {_num(p.get('novel_frac'), '.1%')}, "
+              f"{_num(p.get('n_groups'), 'd')} groups")
+    ms = _obj(m.get("meta_sae"))
     if ms:
-        print(f"meta-SAE {ms.get('width')} meta-latents, k={ms.get('k')}, FVU {ms.get('fvu'):.3f}")
+        print(f"meta-SAE {ms.get('width')} meta-latents, k={ms.get('k')}, FVU {_num(ms.get('fvu'), '.3f')}")
     return 0
 
 

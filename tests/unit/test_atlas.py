@@ -394,3 +394,152 @@ def test_example_acts_are_read_lazily_across_row_groups(copy: Path, monkeypatch:
         assert [list(x["acts"]) for x in got] == [list(a) for a in want["acts"]]
         assert [x["tokens"] for x in got] == [list(t) for t in want["tokens"]]
     assert len(opened._acts_cache) <= 2
+
+
+# ------------------------------------------------------------------------------ hostile atlases (issue 14)
+
+
+def test_manifest_with_nan_or_infinity_literals_is_refused(copy: Path) -> None:
+    text = (copy / "manifest.json").read_text()
+    for literal in ("NaN", "Infinity", "-Infinity"):
+        (copy / "manifest.json").write_text(text.replace('"format_version": 1,', f'"format_version": 1, "x": {literal},'))
+        problems = verify(copy)
+        assert _problems_about(problems, "manifest.json", f"literal {literal}"), problems
+        with pytest.raises(AtlasError, match=f"literal {literal}"):
+            Atlas.open(copy, verify=False)
+
+
+def test_symlinks_out_of_the_atlas_are_refused(copy: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not atlas data")
+    (copy / "README.md").symlink_to(secret)  # not a tracked file: only the link check can catch it
+    (copy / "saes" / "link").symlink_to(tmp_path, target_is_directory=True)
+    problems = verify(copy, checksums=False)
+    assert _problems_about(problems, "README.md", "symbolic link", "outside the atlas")
+    assert _problems_about(problems, "saes/link", "outside the atlas")
+    with pytest.raises(AtlasError, match="outside the atlas"):
+        Atlas.open(copy, verify=False)
+    # a tracked table replaced by a link to an outside copy of itself: checksums match, the link is refused
+    (copy / "README.md").unlink()
+    (copy / "saes" / "link").unlink()
+    outside = tmp_path / "latents.parquet"
+    shutil.move(copy / "latents.parquet", outside)
+    (copy / "latents.parquet").symlink_to(outside)
+    assert [p.split(":")[0] for p in verify(copy)] == ["latents.parquet"]
+
+
+def test_links_inside_the_atlas_and_into_a_hub_blob_store_are_fine(copy: Path, tmp_path: Path) -> None:
+    (copy / "notes").mkdir()
+    (copy / "notes" / "same.parquet").symlink_to(copy / "latents.parquet")
+    assert verify(copy, checksums=False) == []
+    # the layout snapshot_download makes: <repo>/snapshots/<rev>/<file> -> ../../blobs/<sha256>
+    repo = tmp_path / "datasets--a--b"
+    snap = repo / "snapshots" / "rev"
+    shutil.copytree(copy, snap)
+    (repo / "blobs").mkdir()
+    for f in sorted(snap.glob("*.parquet")):
+        blob = repo / "blobs" / sha256_file(f)
+        shutil.move(f, blob)
+        f.symlink_to(Path("../../blobs") / blob.name)
+    assert verify(snap) == []
+
+
+def _weights(copy: Path, width: int = 128) -> Path:
+    return copy / "saes" / str(width) / "sae_weights.safetensors"
+
+
+def _resign(copy: Path) -> None:
+    write_manifest(copy, json.loads((copy / "manifest.json").read_text()))
+
+
+def _header(path: Path) -> tuple[int, dict]:
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return n, json.loads(raw[8: 8 + n])
+
+
+@pytest.mark.parametrize(("damage", "needle"), [
+    ("pickle", "pickle / torch.save archive"),
+    ("zip", "pickle / torch.save archive"),
+    ("header_2_40", "header of 1099511627776 bytes"),
+    ("header_90mb", "header of 94371840 bytes"),
+    ("header_past_end", "the file has"),
+    ("header_not_json", "not valid JSON"),
+    ("truncated", "truncated or padded"),
+    ("nan", "holds 1 NaN/inf values"),
+    ("inf", "holds 2 NaN/inf values"),
+    ("wrong_shape", "'W_dec' has shape [128, 16]"),
+    ("empty", "too short"),
+])
+def test_bad_weights_are_caught_by_verify(copy: Path, damage: str, needle: str) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = _weights(copy)
+    raw = path.read_bytes()
+    n, header = _header(path)
+    if damage == "pickle":
+        torch.save({"W_dec": torch.zeros(2)}, path, _use_new_zipfile_serialization=False)
+    elif damage == "zip":
+        torch.save({"W_dec": torch.zeros(2)}, path)
+    elif damage == "header_2_40":
+        path.write_bytes((1 << 40).to_bytes(8, "little") + raw[8:])
+    elif damage == "header_90mb":
+        path.write_bytes((90 << 20).to_bytes(8, "little") + raw[8:])
+    elif damage == "header_past_end":
+        path.write_bytes((len(raw)).to_bytes(8, "little") + raw[8:])
+    elif damage == "header_not_json":
+        path.write_bytes(raw[:8] + b"{" * n + raw[8 + n:])
+    elif damage == "truncated":
+        path.write_bytes(raw[:-4])
+    elif damage in ("nan", "inf"):
+        t = load_file(path)
+        if damage == "nan":
+            t["W_dec"][3, 4] = float("nan")
+        else:
+            t["b_enc"][0], t["b_enc"][5] = float("inf"), float("-inf")
+        save_file(t, path)
+    elif damage == "wrong_shape":
+        t = load_file(path)
+        t["W_dec"] = t["W_dec"][:, :16].contiguous()
+        save_file(t, path)
+    elif damage == "empty":
+        path.write_bytes(b"")
+    _resign(copy)  # checksums agree: only the weight checks can tell
+    problems = verify(copy)
+    assert _problems_about(problems, "saes/128/sae_weights.safetensors", needle), problems
+    assert not _problems_about(problems, "saes/64/")
+
+
+def test_verify_fast_skips_only_the_value_scan(copy: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(_weights(copy))
+    t["W_enc"][0, 0] = float("nan")
+    save_file(t, _weights(copy))
+    _resign(copy)
+    assert _problems_about(verify(copy), "W_enc", "NaN/inf")
+    assert verify(copy, checksums=False) == []  # --fast: header and shapes only
+
+
+def test_info_prints_null_and_missing_metrics_as_dashes(copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from metasae.cli import main
+
+    def edit(m: dict) -> None:
+        m["saes"][0].update(l0=None, ce_loss=None)  # what write_json_atomic makes of NaN
+        del m["saes"][1]["mse"]
+        m["saes"][2] = {"width": 256}
+        m["meta_sae"]["fvu"] = None
+        m["stitching"] = {"pairs": [{"small": 64, "large": 128, "novel_frac": None}]}
+        m["corpus"] = None
+
+    _rewrite_manifest(copy, edit)
+    assert main(["info", str(copy)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split() for line in out if line.split() and line.split()[0].isdigit()}
+    assert rows["64"][1] == "-" and rows["64"][4] == "-" and rows["64"][2] != "-"
+    assert rows["128"][2] == "-" and rows["256"][1:] == ["-"] * 5
+    assert "pair 64->128: novel -, - groups" in out and out[-1].endswith("FVU -")
+    (copy / "manifest.json").write_text((copy / "manifest.json").read_text().replace("null", "NaN", 1))
+    assert main(["info", str(copy)]) == 2
+    assert "literal NaN" in capsys.readouterr().err
