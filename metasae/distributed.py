@@ -37,6 +37,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -60,40 +61,93 @@ def _no_stop() -> None:
     return None
 
 
+@dataclass
+class _Shard:
+    """One shard's tokens, both SAEs' activations on them, and the rows the MSE side measures.
+
+    `cs` covers every position >= 1 (the CE side: attribution and the CE curve, as `stitching.ce_set`); `msp`
+    holds the MSE side: the same positions rounded to the store's precision and without attention sinks, as
+    the build's evaluation set (`ActivationStore.flat(.., max_norm_ratio)`). Without filtering or rounding
+    `msp` is `cs.sp`.
+    """
+
+    cs: st.CeSet
+    msp: st.Sparse
+    n_sinks: int  # positions >= 1 left out of the MSE side (norm above the cap)
+
+
 @torch.no_grad()
-def _prepare(lm, hook: str, tokens: torch.Tensor, small: Sae, large: Sae,
-             check: Callable[[], None] = _no_stop) -> st.CeSet:
-    """Residual at `hook` (positions >= 1 used), both SAEs' nonzeros, and the small-SAE-spliced residual."""
+def _resid(lm, hook: str, tokens: torch.Tensor, check: Callable[[], None] = _no_stop) -> torch.Tensor:
+    """The residual at `hook` (n_ctx, ctx_len, d), fp32 on the CPU, BATCH_CTX contexts per forward pass."""
     parts = []
     for b in range(0, tokens.shape[0], BATCH_CTX):
         check()
         parts.append(lm.resid(tokens[b:b + BATCH_CTX], hook).float().cpu())
-    resid = torch.cat(parts)
+    return torch.cat(parts)
+
+
+def _mse_rows(resid: torch.Tensor, acts_dtype: torch.dtype | None) -> torch.Tensor:
+    """Positions >= 1 as (N, d) fp32 rows, rounded through `acts_dtype` (the build stores fp16) when given."""
+    flat = resid[:, 1:].reshape(-1, resid.shape[-1])
+    return flat if acts_dtype is None else flat.to(acts_dtype).float()
+
+
+def norm_cap(rows: Sequence[torch.Tensor], max_norm_ratio: float | None) -> float | None:
+    """`max_norm_ratio` x the median row norm over all `rows` (the build's `activations.keep_rows` cut)."""
+    if max_norm_ratio is None:
+        return None
+    return float(max_norm_ratio * torch.cat([r.norm(dim=-1) for r in rows]).median())
+
+
+def _encode(lm, small: Sae, large: Sae, rows: torch.Tensor) -> st.Sparse:
+    if lm.device.type == "cpu":
+        return st.sparse_acts(small, large, rows)
+    # encode on the accelerator, keep the sparse algebra on the CPU (stitching's index maths is CPU code)
+    dev = lm.device
+    g = st.sparse_acts(small.to(device=dev), large.to(device=dev), rows.to(dev))
+    return st.Sparse(g.t.cpu(), g.latent.cpu(), g.value.cpu(), g.resid.cpu(), g.sq_err, g.n_tokens)
+
+
+@torch.no_grad()
+def _prepare(lm, hook: str, tokens: torch.Tensor, small: Sae, large: Sae, check: Callable[[], None] = _no_stop,
+             resid: torch.Tensor | None = None, cap: float | None = None, max_norm_ratio: float | None = None,
+             acts_dtype: torch.dtype | None = None) -> _Shard:
+    """Both SAEs' nonzeros and the small-SAE-spliced residual on `tokens` (positions >= 1).
+
+    The MSE side drops rows with norm above `cap` (else `max_norm_ratio` x this shard's median norm).
+    """
+    resid = _resid(lm, hook, tokens, check) if resid is None else resid
     C, T, d = resid.shape
     if d != small.d_in:
         raise SaeError(f"the model's residual at {hook} has d_model {d}, the SAEs have d_in {small.d_in}")
     flat = resid[:, 1:].reshape(-1, d)
-    dev = lm.device
-    if dev.type == "cpu":
-        sp = st.sparse_acts(small, large, flat)
-    else:  # encode on the accelerator, keep the sparse algebra on the CPU (stitching's index maths is CPU code)
-        g = st.sparse_acts(small.to(device=dev), large.to(device=dev), flat.to(dev))
-        sp = st.Sparse(g.t.cpu(), g.latent.cpu(), g.value.cpu(), g.resid.cpu(), g.sq_err, g.n_tokens)
+    sp = _encode(lm, small, large, flat)
     base = resid.clone()
     base[:, 1:] = (flat - sp.resid.to(flat.dtype)).view(C, T - 1, d)
-    return st.CeSet(tokens, resid, base, torch.full((C,), float("nan")), sp)
+    cs = st.CeSet(tokens, resid, base, torch.full((C,), float("nan")), sp)
+    rows = _mse_rows(resid, acts_dtype)
+    if cap is None:
+        cap = norm_cap([rows], max_norm_ratio)
+    keep = None if cap is None else rows.norm(dim=-1) <= cap
+    if acts_dtype is None and (keep is None or bool(keep.all())):
+        return _Shard(cs, sp, 0)
+    if keep is not None:
+        rows = rows[keep]
+    if rows.shape[0] == 0:
+        raise SaeError("every token of this evaluation is an attention sink (norm above the cap); send more text")
+    return _Shard(cs, _encode(lm, small, large, rows), 0 if keep is None else int((~keep).sum()))
 
 
-def _stats_sums(lm, hook: str, cs: st.CeSet, small: Sae, large: Sae, m: st.Match, with_ce: bool,
+def _stats_sums(lm, hook: str, sh: _Shard, small: Sae, large: Sae, m: st.Match, with_ce: bool,
                 check: Callable[[], None] = _no_stop) -> dict:
     """Round 1 partial sums over this shard's tokens (float64 numpy arrays)."""
-    sp = cs.sp
+    sp = sh.msp
     n = sp.n_tokens
-    out = {"n_tokens": n,
+    out = {"n_tokens": n, "n_ce_tokens": sh.cs.sp.n_tokens, "n_sinks": sh.n_sinks,
            "latent_mse": st.latent_delta_mse(small, large, sp).double().numpy() * n,
            "group_mse": st.group_delta_mse(small, large, m, sp).double().numpy() * n}
     if with_ce:
-        out["latent_attr"], out["group_attr"] = _attribution_sums(lm, hook, cs, small, large, m, check)
+        out["latent_attr"], out["group_attr"] = _attribution_sums(lm, hook, sh.cs, small, large, m, check)
     return out
 
 
@@ -163,16 +217,16 @@ def _ce_sum_fn(lm, hook: str, cs: st.CeSet, small: Sae, large: Sae, m: st.Match,
     return ce
 
 
-def _curve_sums(lm, hook: str, cs: st.CeSet, small: Sae, large: Sae, m: st.Match, order: np.ndarray,
+def _curve_sums(lm, hook: str, sh: _Shard, small: Sae, large: Sae, m: st.Match, order: np.ndarray,
                 with_ce: bool, check: Callable[[], None] = _no_stop,
                 on_point: Callable[[], None] = _no_stop) -> dict:
     """Round 2: summed squared error, L0 count and (with ce) summed loss after each interpolation step."""
-    ce_fn = _ce_sum_fn(lm, hook, cs, small, large, m, check, on_point) if with_ce else None
-    df = st.interpolate(small, large, m, cs.sp, order=order, ce_fn=ce_fn)
-    n = cs.sp.n_tokens
+    ce_fn = _ce_sum_fn(lm, hook, sh.cs, small, large, m, check, on_point) if with_ce else None
+    df = st.interpolate(small, large, m, sh.msp, order=order, ce_fn=ce_fn)
+    n = sh.msp.n_tokens
     ce = [None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
           for v in df["ce_loss"].astype(object)]
-    return {"n_tokens": n, "err": df["mse"].to_numpy(np.float64) * n, "l0": df["l0"].to_numpy(np.float64) * n,
+    return {"n_tokens": n, "n_ce_tokens": sh.cs.sp.n_tokens, "err": df["mse"].to_numpy(np.float64) * n, "l0": df["l0"].to_numpy(np.float64) * n,
             "ce": ce, "steps": df[["step", "action", "latent", "group"]].astype(object).to_dict("records")}
 
 
@@ -213,16 +267,16 @@ def _worker_model(source: str, dtype_name: str, fp: float | None):
     return lm
 
 
-def _task_stats(source, dtype_name, fp, hook, tokens, small, large, m, with_ce) -> dict:
+def _task_stats(source, dtype_name, fp, hook, tokens, small, large, m, with_ce, rows_kw) -> dict:
     lm = _worker_model(source, dtype_name, fp)
-    cs = _prepare(lm, hook, tokens, small, large)
-    return _stats_sums(lm, hook, cs, small, large, m, with_ce)
+    sh = _prepare(lm, hook, tokens, small, large, **rows_kw)
+    return _stats_sums(lm, hook, sh, small, large, m, with_ce)
 
 
-def _task_curve(source, dtype_name, fp, hook, tokens, small, large, m, order, with_ce) -> dict:
+def _task_curve(source, dtype_name, fp, hook, tokens, small, large, m, order, with_ce, rows_kw) -> dict:
     lm = _worker_model(source, dtype_name, fp)
-    cs = _prepare(lm, hook, tokens, small, large)
-    return _curve_sums(lm, hook, cs, small, large, m, order, with_ce)
+    sh = _prepare(lm, hook, tokens, small, large, **rows_kw)
+    return _curve_sums(lm, hook, sh, small, large, m, order, with_ce)
 
 
 _RAY_LOCK = threading.Lock()
@@ -301,7 +355,8 @@ def _check_args(lm, hook, tokens, metrics, n_shards) -> tuple[str, ...]:
 def stitch_eval(lm, hook: str, tokens: torch.Tensor, small: Sae, large: Sae, metrics=("mse", "ce"),
                 threshold: float = 0.7, ray_address: str | None = None, n_shards: int | None = None,
                 progress: Callable[[float, str], None] | None = None,
-                should_stop: Callable[[], bool] | None = None) -> dict:
+                should_stop: Callable[[], bool] | None = None, max_norm_ratio: float | None = None,
+                acts_dtype: torch.dtype | str | None = None) -> dict:
     """Stitching evaluation of (small, large) on `tokens` (n_ctx, ctx_len); see the module docstring.
 
     `lm` is a LanguageModel (with Ray it may also be just its source string). Without `ray_address` it runs
@@ -310,7 +365,13 @@ def stitch_eval(lm, hook: str, tokens: torch.Tensor, small: Sae, large: Sae, met
     `progress(frac, message)` is called from this thread; `should_stop()` is polled between batches (in
     process) or while waiting for shards (Ray, whose pending tasks are then cancelled) and raises Cancelled.
 
-    Returns {"n_tokens", "kind", "group_id", "delta_mse", "group_delta_mse", "delta_ce_attr",
+    The MSE side (ΔMSE, the curve's MSE and L0) is measured as the build measures it: `max_norm_ratio` leaves
+    out attention-sink positions (norm above that multiple of the median norm over all tokens; per shard on
+    Ray) and `acts_dtype` rounds the residual first (the build's activation store is float16); the CE side
+    (attribution, the curve's CE) uses every position >= 1, as the build's `stitching.ce_set` does.
+    `build_settings(manifest)` gives both for an atlas; the defaults (None) filter and round nothing.
+
+    Returns {"n_tokens" (MSE-side tokens), "n_ce_tokens", "n_sink_tokens", "kind", "group_id", "delta_mse", "group_delta_mse", "delta_ce_attr",
     "group_delta_ce_attr" (the last two only with "ce"), "curve": [{"step", "action", "l0", "mse", "ce_loss",
     "group", "latent"}...]} plus "group_action", "nearest_small", "nearest_small_cos", "small_width",
     "large_width", "threshold", "n_shards", "ray". MSE is the summed squared error per token (as in the atlas);
@@ -329,14 +390,18 @@ def stitch_eval(lm, hook: str, tokens: torch.Tensor, small: Sae, large: Sae, met
     small, large = (s if s.W_dec.device.type == "cpu" else s.to(device="cpu") for s in (small, large))
     m = st.match(small, large, threshold)
     tokens = tokens.long().cpu()
+    if isinstance(acts_dtype, str):
+        acts_dtype = getattr(torch, acts_dtype.removeprefix("torch."))
+    rows_kw = {"max_norm_ratio": max_norm_ratio, "acts_dtype": acts_dtype}
     n_ce = min(12, m.n_groups + 1) + 1 if with_ce else 0  # CE points interpolate measures (incl. the bias step)
     if ray_address is None:
-        stats, curves, used = _run_local(lm, hook, tokens, small, large, m, with_ce, n_ce, say, check)
+        stats, curves, used = _run_local(lm, hook, tokens, small, large, m, with_ce, n_ce, say, check, rows_kw)
     else:
         stats, curves, used = _run_ray(lm, hook, tokens, small, large, m, with_ce, ray_address, n_shards, say,
-                                       should_stop)
+                                       should_stop, rows_kw)
     result = _assemble(m, small, large, stats, curves, with_ce)
-    result.update(n_shards=used, ray=ray_address is not None, seconds=round(time.time() - t0, 3))
+    result.update(n_shards=used, max_norm_ratio=max_norm_ratio,
+                  acts_dtype=None if acts_dtype is None else str(acts_dtype).removeprefix("torch."), ray=ray_address is not None, seconds=round(time.time() - t0, 3))
     say(1.0, f"done: {result['n_tokens']} tokens in {result['seconds']:.1f}s")
     return result
 
@@ -347,17 +412,25 @@ def _order(stats: list[dict]) -> np.ndarray:
     return np.argsort(group_mse, kind="stable")
 
 
-def _run_local(lm, hook, tokens, small, large, m, with_ce, n_ce, say, check):
+def _run_local(lm, hook, tokens, small, large, m, with_ce, n_ce, say, check, rows_kw):
     bounds = shard_bounds(tokens.shape[0], math.ceil(tokens.shape[0] / BATCH_CTX))
-    w1 = 0.5 if with_ce else 0.9  # share of the progress bar for round 1
-    shards, stats = [], []
+    w0, w1 = (0.3, 0.5) if with_ce else (0.6, 0.9)  # progress bar shares: forward passes, then round 1
+    resids = []
     for i, (a, b) in enumerate(bounds):
-        cs = _prepare(lm, hook, tokens[a:b], small, large, check)
-        stats.append(_stats_sums(lm, hook, cs, small, large, m, with_ce, check))
-        shards.append(cs)
-        say(w1 * (i + 1) / len(bounds), f"ΔMSE{'/ΔCE' if with_ce else ''} on contexts {b}/{tokens.shape[0]}")
+        resids.append(_resid(lm, hook, tokens[a:b], check))
+        say(w0 * (i + 1) / len(bounds), f"model forward passes: contexts {b}/{tokens.shape[0]}")
+    # one cap over all tokens, as the build's evaluation set has one median
+    cap = norm_cap([_mse_rows(r, rows_kw["acts_dtype"]) for r in resids], rows_kw["max_norm_ratio"])
+    shards, stats = [], []
+    for i, ((a, b), resid) in enumerate(zip(bounds, resids, strict=True)):
+        sh = _prepare(lm, hook, tokens[a:b], small, large, check, resid=resid, cap=cap,
+                      acts_dtype=rows_kw["acts_dtype"])
+        stats.append(_stats_sums(lm, hook, sh, small, large, m, with_ce, check))
+        shards.append(sh)
+        say(w0 + (w1 - w0) * (i + 1) / len(bounds),
+            f"ΔMSE{'/ΔCE' if with_ce else ''} on contexts {b}/{tokens.shape[0]}")
     check()
-    cs = _concat(shards)
+    sh = _concat(shards)
     done = [0]
 
     def on_point() -> None:
@@ -365,21 +438,28 @@ def _run_local(lm, hook, tokens, small, large, m, with_ce, n_ce, say, check):
         frac = min(0.999, w1 + (1 - w1) * done[0] / max(n_ce, 1) * 0.999)
         say(frac, f"interpolation curve: CE point {done[0]}/{n_ce}")
 
-    curve = _curve_sums(lm, hook, cs, small, large, m, _order(stats), with_ce, check, on_point)
+    curve = _curve_sums(lm, hook, sh, small, large, m, _order(stats), with_ce, check, on_point)
     return stats, [curve], 1
 
 
-def _concat(shards: Sequence[st.CeSet]) -> st.CeSet:
-    if len(shards) == 1:
-        return shards[0]
-    sps, off, parts = [s.sp for s in shards], 0, []
+def _concat_sparse(sps: Sequence[st.Sparse]) -> st.Sparse:
+    off, parts = 0, []
     for sp in sps:
         parts.append(sp.t + off)
         off += sp.n_tokens
-    sp = st.Sparse(torch.cat(parts), torch.cat([s.latent for s in sps]), torch.cat([s.value for s in sps]),
-                   torch.cat([s.resid for s in sps]), sum(s.sq_err for s in sps), off)
-    return st.CeSet(torch.cat([s.tokens for s in shards]), torch.cat([s.resid for s in shards]),
-                    torch.cat([s.base for s in shards]), torch.cat([s.base_loss for s in shards]), sp)
+    return st.Sparse(torch.cat(parts), torch.cat([s.latent for s in sps]), torch.cat([s.value for s in sps]),
+                     torch.cat([s.resid for s in sps]), sum(s.sq_err for s in sps), off)
+
+
+def _concat(shards: Sequence[_Shard]) -> _Shard:
+    if len(shards) == 1:
+        return shards[0]
+    css = [s.cs for s in shards]
+    sp = _concat_sparse([c.sp for c in css])
+    cs = st.CeSet(torch.cat([c.tokens for c in css]), torch.cat([c.resid for c in css]),
+                  torch.cat([c.base for c in css]), torch.cat([c.base_loss for c in css]), sp)
+    same = all(s.msp is s.cs.sp for s in shards)
+    return _Shard(cs, sp if same else _concat_sparse([s.msp for s in shards]), sum(s.n_sinks for s in shards))
 
 
 def _absolute_if_local(source: str) -> str:
@@ -401,7 +481,7 @@ def _cluster_default_shards(ray, n_ctx: int) -> tuple[int, dict]:
     return max(1, min(n_ctx, n_gpu or int(res.get("CPU", 1)))), opts
 
 
-def _run_ray(lm, hook, tokens, small, large, m, with_ce, address, n_shards, say, should_stop):
+def _run_ray(lm, hook, tokens, small, large, m, with_ce, address, n_shards, say, should_stop, rows_kw):
     ray = _ray(address)
     default, opts = _cluster_default_shards(ray, tokens.shape[0])
     bounds = shard_bounds(tokens.shape[0], n_shards or default)
@@ -414,10 +494,11 @@ def _run_ray(lm, hook, tokens, small, large, m, with_ce, address, n_shards, say,
     common = (source, dtype_name, fp, hook)
     w1 = 0.5 if with_ce else 0.6
     say(0.0, f"{len(bounds)} shards on Ray ({'GPU' if 'num_gpus' in opts else 'CPU'} tasks)")
-    stats = _gather(ray, [_REMOTE["stats"].options(**opts).remote(*common, tokens[a:b], *refs, with_ce)
+    stats = _gather(ray, [_REMOTE["stats"].options(**opts).remote(*common, tokens[a:b], *refs, with_ce, rows_kw)
                           for a, b in bounds], 0.0, w1, "ΔMSE" + ("/ΔCE" if with_ce else ""), say, should_stop)
     order = ray.put(_order(stats))
-    curves = _gather(ray, [_REMOTE["curve"].options(**opts).remote(*common, tokens[a:b], *refs, order, with_ce)
+    curves = _gather(ray, [_REMOTE["curve"].options(**opts).remote(*common, tokens[a:b], *refs, order, with_ce,
+                                                                          rows_kw)
                            for a, b in bounds], w1, 0.999 - w1, "interpolation curve", say, should_stop)
     return stats, curves, len(bounds)
 
@@ -442,30 +523,43 @@ def _gather(ray, refs: list, start: float, span: float, what: str, say, should_s
 
 def _assemble(m: st.Match, small: Sae, large: Sae, stats: list[dict], curves: list[dict], with_ce: bool) -> dict:
     n = sum(s["n_tokens"] for s in stats)
-    if sum(c["n_tokens"] for c in curves) != n:
+    n_ce = sum(s["n_ce_tokens"] for s in stats)
+    if sum(c["n_tokens"] for c in curves) != n or sum(c["n_ce_tokens"] for c in curves) != n_ce:
         raise RuntimeError("round 2 covered a different number of tokens than round 1")
 
-    def total(key: str, parts: list[dict]) -> np.ndarray:
-        return sum(p[key] for p in parts) / n
+    def total(key: str, parts: list[dict], over: int = n) -> np.ndarray:
+        return sum(p[key] for p in parts) / over
 
-    out = {"n_tokens": int(n), "small_width": small.width, "large_width": large.width, "threshold": m.threshold,
+    out = {"n_tokens": int(n), "n_ce_tokens": int(n_ce), "n_sink_tokens": int(sum(s["n_sinks"] for s in stats)),
+           "small_width": small.width, "large_width": large.width, "threshold": m.threshold,
            "kind": m.kind.tolist(), "group_id": m.group_large.tolist(),
            "group_action": m.group_actions().tolist(), "nearest_small": m.nearest_small.tolist(),
            "nearest_small_cos": m.nearest_small_cos.astype(float).tolist(),
            "delta_mse": total("latent_mse", stats).tolist(), "group_delta_mse": total("group_mse", stats).tolist()}
     if with_ce:
-        out["delta_ce_attr"] = total("latent_attr", stats).tolist()
-        out["group_delta_ce_attr"] = total("group_attr", stats).tolist()
+        out["delta_ce_attr"] = total("latent_attr", stats, n_ce).tolist()
+        out["group_delta_ce_attr"] = total("group_attr", stats, n_ce).tolist()
     err, l0 = total("err", curves), total("l0", curves)
     curve = []
     for i, step in enumerate(curves[0]["steps"]):
         ces = [c["ce"][i] for c in curves]
-        ce = None if any(v is None for v in ces) else sum(ces) / n
+        ce = None if any(v is None for v in ces) else sum(ces) / n_ce
         curve.append({"step": int(step["step"]), "action": str(step["action"]), "l0": float(l0[i]),
                       "mse": float(err[i]), "ce_loss": ce, "group": _int_or_none(step["group"]),
                       "latent": _int_or_none(step["latent"])})
     out["curve"] = curve
     return out
+
+
+def build_settings(manifest: dict) -> dict:
+    """The `stitch_eval` options that measure what an atlas's build measured: its `max_norm_ratio` (attention
+    sinks out of the MSE side) and the activation store's float16 rounding. Atlases without a recorded build
+    config (imported, synthetic) get neither."""
+    cfg = (manifest.get("build") or {}).get("config") or {}
+    if not isinstance(cfg, dict) or not cfg:
+        return {"max_norm_ratio": None, "acts_dtype": None}
+    ratio = cfg.get("max_norm_ratio")
+    return {"max_norm_ratio": float(ratio) if isinstance(ratio, (int, float)) else None, "acts_dtype": "float16"}
 
 
 def _int_or_none(v) -> int | None:

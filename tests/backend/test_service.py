@@ -13,7 +13,7 @@ import torch
 
 from metasae.atlas import Atlas
 from metasae.corpus import build_contexts
-from metasae.distributed import stitch_eval
+from metasae.distributed import build_settings, stitch_eval
 from metasae.lm import tiny_model
 from metasae.meta import decompose
 from metasae.sae import Sae
@@ -135,7 +135,7 @@ def test_stitch_on_text_equals_stitch_eval(http, ref):
     ids = list(text.encode())
     tokens = torch.tensor(ids[: len(ids) // 32 * 32]).view(-1, 32)
     direct = stitch_eval(ref["lm"], HOOK, tokens, ref["sae"][64], ref["sae"][128], metrics=("mse", "ce"),
-                         threshold=0.7)
+                         threshold=0.7, **build_settings(ref["atlas"].manifest))
     assert res["n_tokens"] == 24 * 31  # position 0 of every context is skipped
     assert res["small"] == 64 and res["large"] == 128 and res["threshold"] == 0.7 and res["device"] == "cpu"
     assert res["tokens_per_s"] > 0
@@ -149,7 +149,7 @@ def test_stitch_on_corpus_tokens_equals_stitch_eval(http, ref, tiny_atlas):
     assert job["status"] == "done", job["message"]
     tokens = build_contexts(["wiki"], ref["lm"].tokenizer, 32, 1024, seed=3)
     direct = stitch_eval(ref["lm"], HOOK, tokens, ref["sae"][128], ref["sae"][256], metrics=("mse",),
-                         threshold=0.6)
+                         threshold=0.6, **build_settings(ref["atlas"].manifest))
     assert job["result"]["threshold"] == 0.6
     _check_stitch(job["result"], direct, ("mse",))
 

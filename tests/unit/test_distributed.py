@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -217,3 +220,65 @@ def test_ray_started_off_the_main_thread_is_owned_by_a_thread_that_lives_on():
 
     with pytest.raises(ConnectionError, match="no cluster at head:6379"):
         dist._init_ray_in_keeper_thread(FailingRay(), "head:6379")
+
+
+# --- the build's path and the backend's path on the same real SmolLM2 tokens ----------------------------------
+
+
+@pytest.mark.slow
+def test_fresh_evaluation_equals_the_build_on_the_same_smollm2_tokens(smollm2, make_sae, tmp_path):
+    """stage_stitching (what the atlas stores) and stitch_eval with the atlas's build settings (what the backend
+    runs) give the same numbers on the same tokens, attention sink included; without those settings the MSE
+    side is dominated by the sink (issue 11: fresh curves 100x the stored ones)."""
+    from metasae.activations import ActivationStore
+    from metasae.build import BuildConfig
+    from metasae.stages import stage_stitching
+
+    hook = "blocks.15.hook_resid_pre"
+    text = ("Albert Einstein was a German-born theoretical physicist. Marie Curie was a chemist. The river "
+            "flows to Paris, France, and the city council met on Monday to discuss the new bridge.")
+    ids = smollm2.tokenizer(text)["input_ids"]
+    rows = [ids[i:i + 24] for i in (0, 4, 8)]
+    rows.append(ids[:8] + [0] + ids[8:23])  # <|endoftext|> mid-context: an attention sink (norm ~10k vs ~170)
+    tokens = torch.tensor(rows)
+    d = smollm2.d_model
+    small = make_sae(d, 48, seed=11, hook_name=hook)
+    extra = make_sae(d, 40, seed=12, hook_name=hook)
+    g = torch.Generator().manual_seed(13)
+    W = torch.cat([small.W_dec[:24] + 0.2 * torch.randn(24, d, generator=g), extra.W_dec])
+    W = W / W.norm(dim=1, keepdim=True)
+    large = Sae(W_enc=W.T.contiguous(), b_enc=torch.cat([small.b_enc[:24], extra.b_enc]), W_dec=W,
+                b_dec=extra.b_dec, hook_name=hook)
+
+    cfg = BuildConfig(model="smollm2", hook=hook, ctx_len=24, widths=[48, 64], eval_tokens=4 * 23, ce_ctx=4,
+                      exact_ce_latents=2, max_norm_ratio=5.0)
+    store = ActivationStore.build(smollm2, tokens, hook, tmp_path / "acts", shard_ctx=2, progress=False)
+    ctx = {"cfg": cfg, "work": tmp_path, "store": store, "saes": [small, large], "lm": smollm2,
+           "progress": False, "log": lambda _m: None}
+    stage_stitching(ctx)
+    folder = tmp_path / "stitch" / "48_64"
+    built = pd.read_parquet(folder / "large.parquet")
+    curve = pd.read_parquet(folder / "stitching.parquet")
+    summary = json.loads((folder / "done.json").read_text())
+
+    manifest = {"build": {"config": {"max_norm_ratio": 5.0}}}
+    res = dist.stitch_eval(smollm2, hook, tokens, small, large, threshold=cfg.threshold,
+                           **dist.build_settings(manifest))
+    assert res["n_sink_tokens"] == 1 and res["n_tokens"] == summary["eval_tokens"] == 4 * 23 - 1
+    assert res["n_ce_tokens"] == summary["ce_tokens"] == 4 * 23
+    assert res["kind"] == built["kind"].tolist() and res["group_id"] == built["group_id"].tolist()
+    tol = dict(rtol=1e-4, atol=1e-6)
+    close(res["delta_mse"], built["delta_mse"], **tol)
+    close(np.asarray(res["group_delta_mse"])[built["group_id"]], built["group_delta_mse"], **tol)
+    close(res["delta_ce_attr"], built["delta_ce_attr"], **tol)
+    assert [c["step"] for c in res["curve"]] == curve["step"].tolist()
+    assert [c["action"] for c in res["curve"]] == curve["action"].tolist()
+    close([c["mse"] for c in res["curve"]], curve["mse"], **tol)
+    close([c["l0"] for c in res["curve"]], curve["l0"], **tol)
+    ce = [(c["ce_loss"], b) for c, b in zip(res["curve"], curve["ce_loss"], strict=True) if c["ce_loss"] is not None]
+    assert len(ce) >= 2 and len(ce) == int(curve["ce_loss"].notna().sum())
+    close([a for a, _ in ce], [b for _, b in ce], **tol)
+
+    # the old fresh path: the sink stays in the MSE side, and the curve's MSE is many times the stored one
+    raw = dist.stitch_eval(smollm2, hook, tokens, small, large, threshold=cfg.threshold, metrics=("mse",))
+    assert raw["n_sink_tokens"] == 0 and raw["curve"][0]["mse"] > 10 * curve["mse"].iloc[0]

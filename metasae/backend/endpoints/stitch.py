@@ -64,9 +64,21 @@ def corpus_tokens(res: Resources, n_tokens: int, seed: int):
     return build_contexts(usable, res.lm().tokenizer, ctx_len_of(manifest), n_tokens, seed=seed)
 
 
+def as_built(fn: Callable, manifest: dict) -> dict:
+    """The options that make `fn` measure what the atlas's build measured (sink filtering, fp16 rounding), for
+    an evaluator that takes them (`metasae.distributed.build_settings`); others get none."""
+    import inspect
+
+    from metasae.distributed import build_settings
+
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in build_settings(manifest).items() if k in params}
+
+
 def stitch_job(req: StitchRequest, res: Resources, settings: Settings) -> Callable[[Job], dict]:
     fn, cancelled = load_stitch_fn(settings.stitch_fn)
     threshold = req.threshold or float((res.manifest.get("stitching") or {}).get("threshold") or 0.7)
+    built = as_built(fn, res.manifest)
 
     def run(job: Job) -> dict:
         with res.use():
@@ -89,7 +101,7 @@ def stitch_job(req: StitchRequest, res: Resources, settings: Settings) -> Callab
             try:
                 out = fn(lm, res.hook, tokens, small, large, metrics=tuple(req.metrics), threshold=threshold,
                          ray_address=settings.ray_address, n_shards=req.n_shards, progress=progress,
-                         should_stop=job.should_stop)
+                         should_stop=job.should_stop, **built)
             except cancelled as e:
                 raise JobCancelled(str(e)) from e
             seconds = time.perf_counter() - t
