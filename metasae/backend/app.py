@@ -1,7 +1,9 @@
-"""The FastAPI application: routes, auth, body-size limit, error answers, lazy loading and idle release.
+"""The FastAPI application: routes, auth, body-size limit, Host check, error answers, lazy loading, idle release.
 
 `create_app(settings)` builds it; `metasae backend` (metasae.backend.server) serves it with uvicorn.
-OpenAPI docs: /docs (Swagger UI), /redoc, /openapi.json.
+OpenAPI docs: /docs (Swagger UI), /redoc, /openapi.json (behind the token when one is set, unless
+METASAE_PUBLIC_DOCS=1). The contract is built from the atlas's manifest at start (routes.py), so it carries the
+atlas's widths, d_model and the service's limits; `scripts/openapi.py` writes it to docs/openapi.json.
 """
 
 from __future__ import annotations
@@ -11,23 +13,21 @@ import os
 import signal
 import threading
 from contextlib import asynccontextmanager
-from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from metasae.backend.config import Settings
-from metasae.backend.deps import require_token
-from metasae.backend.endpoints import activations, encode, health, jobs, stitch
 from metasae.backend.errors import ApiError
 from metasae.backend.jobs import JobManager
+from metasae.backend.middleware import AllowedMethods, BodyLimit, DocsGuard, HostCheck
 from metasae.backend.resources import Resources
-from metasae.backend.schemas import ErrorResponse
+from metasae.backend.routes import build_router
+from metasae.backend.schemas import UNION_TAGS, AtlasSpec, ErrorResponse
 
 log = logging.getLogger("metasae.backend")
-
-DRAIN_CAP = 64 << 20  # an oversized body is read and dropped up to this much, so the client sees the 413
 
 
 def _version() -> str:
@@ -39,66 +39,9 @@ def _version() -> str:
         return "0+unknown"
 
 
-class BodyLimit:
-    """ASGI middleware: bodies over `max_bytes` (by Content-Length or as streamed) get a 413."""
-
-    def __init__(self, app: Any, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def _reject(self, receive: Any, send: Any, drain: bool) -> None:
-        drained = 0
-        while drain and drained < DRAIN_CAP:
-            msg = await receive()
-            if msg["type"] != "http.request":
-                break
-            drained += len(msg.get("body", b""))
-            if not msg.get("more_body", False):
-                break
-        resp = JSONResponse({"detail": f"body: larger than the limit of {self.max_bytes} bytes "
-                                       "(METASAE_MAX_BODY_BYTES)"}, status_code=413)
-        await resp({"type": "http"}, receive, send)
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None:
-            try:
-                too_big = int(length) > self.max_bytes
-            except ValueError:
-                too_big = False  # uvicorn already refuses malformed Content-Length headers
-            if too_big:
-                return await self._reject(receive, send, drain=True)
-            return await self.app(scope, receive, send)  # the server holds the body to its Content-Length
-        # No Content-Length (chunked): read the body here, up to the limit, then hand it on.
-        chunks, seen = [], 0
-        while True:
-            msg = await receive()
-            if msg["type"] != "http.request":
-                return await self.app(scope, _replay([msg]), send)
-            chunks.append(msg.get("body", b""))
-            seen += len(chunks[-1])
-            if seen > self.max_bytes:
-                return await self._reject(receive, send, drain=msg.get("more_body", False))
-            if not msg.get("more_body", False):
-                break
-        await self.app(scope, _replay([{"type": "http.request", "body": b"".join(chunks), "more_body": False}],
-                                      receive), send)
-
-
-def _replay(messages: list[dict], then: Any = None) -> Any:
-    async def receive() -> dict:
-        if messages:
-            return messages.pop(0)
-        if then is not None:
-            return await then()
-        return {"type": "http.disconnect"}
-
-    return receive
-
-
 def _field(loc: tuple) -> str:
-    parts = [p for p in loc if p not in ("body", "query", "path", "header")] if len(loc) > 1 else list(loc)
+    # "body" and the either/or bodies' variant names (EncodeLatent, ...) say where, not what: leave them out
+    parts = [p for p in loc if p not in ("body", "query", "path", "header") and p not in UNION_TAGS]
     out = ""
     for p in parts:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
@@ -111,6 +54,8 @@ async def _validation_error(_req: Request, exc: RequestValidationError) -> JSONR
         loc = tuple(e.get("loc") or ())
         if e.get("type") == "json_invalid":
             field, msg = "body", f"invalid JSON ({(e.get('ctx') or {}).get('error', 'cannot decode')})"
+        elif e.get("type") == "either_or":  # schemas.common.either_or names the field in the error's context
+            field, msg = (e.get("ctx") or {}).get("field", "body"), str(e.get("msg"))
         else:
             field, msg = _field(loc), str(e.get("msg"))
         msgs.append(f"{field}: {msg}")
@@ -121,6 +66,37 @@ async def _validation_error(_req: Request, exc: RequestValidationError) -> JSONR
 async def _api_error(_req: Request, exc: ApiError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
     return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=headers)
+
+
+async def _http_error(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # Starlette's own refusals (an unknown path) in the service's shape
+    detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    return JSONResponse({"detail": f"path: {detail}" if exc.status_code == 404 else detail},
+                        status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+async def _unexpected(req: Request, exc: Exception) -> JSONResponse:
+    # A bug or an unforeseen failure: logged with its traceback, answered as JSON that says what (never bare text)
+    log.error("%s %s failed", req.method, req.url.path, exc_info=exc)
+    return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {str(exc)[:300]} (see the backend log)"},
+                        status_code=500)
+
+
+def atlas_spec(settings: Settings) -> AtlasSpec:
+    """Widths, d_model and ctx_len from the atlas's manifest (cheap: read at start; the full open runs later)."""
+    from metasae.atlas import read_manifest
+    from metasae.backend.endpoints.stitch import ctx_len_of
+
+    limits = {"max_text_chars": settings.max_text_chars, "max_stitch_tokens": settings.max_stitch_tokens}
+    m, _ = read_manifest(settings.atlas)
+    if m is None:
+        return AtlasSpec(**limits)
+    saes = m.get("saes") if isinstance(m.get("saes"), list) else []
+    widths = sorted({s["width"] for s in saes if isinstance(s, dict) and type(s.get("width")) is int})
+    model = m.get("model") if isinstance(m.get("model"), dict) else {}
+    d_model = model.get("d_model")
+    return AtlasSpec(widths=tuple(widths) or None, d_model=d_model if type(d_model) is int and d_model > 0 else None,
+                     ctx_len=ctx_len_of(m), **limits)
 
 
 def _background(app: FastAPI, stop: threading.Event) -> None:
@@ -189,8 +165,9 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
         title="metasae backend",
         version=_version(),
         description="Live meta-SAE encoding, per-token SAE activations and stitching evaluations for one "
-                    "metasae atlas. Every /v1 route needs `Authorization: Bearer $METASAE_TOKEN` when the "
-                    "service sets METASAE_TOKEN. Errors answer `{\"detail\": \"<field>: <problem>\"}`.",
+                    "metasae atlas. " + ("Every /v1 route needs `Authorization: Bearer $METASAE_TOKEN`. "
+                                         if settings.token else "This server runs without a token. ")
+                    + 'Errors answer `{"detail": "<field>: <problem>"}`.',
         lifespan=lifespan,
         responses={422: {"model": ErrorResponse}},
     )
@@ -198,13 +175,19 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
     app.state.resources = resources
     app.state.jobs = JobManager(workers=1, max_jobs=settings.max_jobs, ttl_s=settings.job_ttl_s)
     app.state.version = app.version
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.state.spec = atlas_spec(settings)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(ApiError, _api_error)
-    app.include_router(health.router)
-    errors = {code: {"model": ErrorResponse} for code in (401, 404, 413, 422, 429, 503)}
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_token)], responses=errors)
-    for module in (encode, activations, stitch, jobs):
-        v1.include_router(module.router)
-    app.include_router(v1)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
+    router, routes = build_router(app.state.spec, settings)
+    app.include_router(router)
+    # Added innermost first: a request meets the Host check, then the body limit, the docs guard, OPTIONS / 405.
+    app.add_middleware(AllowedMethods, routes=[r for r in app.router.routes if getattr(r, "methods", None)] + routes)
+    if settings.token and not settings.public_docs:
+        app.add_middleware(DocsGuard, token=settings.token)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    # Without a token, DNS rebinding could reach a loopback backend from a web page; with one it gets nothing.
+    allowed = settings.allowed_hosts if settings.allowed_hosts is not None else (("*",) if settings.token else ())
+    app.add_middleware(HostCheck, bound=settings.host, allowed=allowed)
     return app

@@ -27,8 +27,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from metasae.backend.contract import Backend, BackendError
+from metasae.backend.schemas import (
+    ActivationsResponse,
+    EncodeResponse,
+    HealthResponse,
+    JobResponse,
+    StitchStarted,
+)
 
 __all__ = ["Backend", "BackendError", "HttpBackend", "LocalBackendProcess", "get_backend", "stop_local_backend"]
 
@@ -36,7 +44,22 @@ DEFAULT_TIMEOUT_S = 120.0
 
 
 class HttpBackend:
-    """A `Backend` over HTTP (httpx); every failure raises BackendError with the service's message."""
+    """A `Backend` over HTTP (httpx); every failure raises BackendError with the service's message.
+
+    Each method sends the body its route's schema describes and returns that route's response model (see
+    `ROUTES`; tests/backend/test_openapi.py checks both against /openapi.json). The models also read like the
+    dicts they replace (`r["status"]`, `r.get("model")`)."""
+
+    # method -> (HTTP method, path, response model): what the OpenAPI contract says each one calls and answers
+    ROUTES: dict[str, tuple[str, str, type[BaseModel]]] = {
+        "health": ("GET", "/health", HealthResponse),
+        "encode": ("POST", "/v1/encode", EncodeResponse),
+        "activations": ("POST", "/v1/activations", ActivationsResponse),
+        "start_stitch": ("POST", "/v1/stitch", StitchStarted),
+        "job": ("GET", "/v1/jobs/{job_id}", JobResponse),
+        "cancel": ("DELETE", "/v1/jobs/{job_id}", JobResponse),
+        "jobs": ("GET", "/v1/jobs", JobResponse),  # a list of them
+    }
 
     def __init__(self, url: str, token: str | None = None, timeout: float = DEFAULT_TIMEOUT_S):
         self.url = url.rstrip("/")
@@ -54,6 +77,17 @@ class HttpBackend:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _call(self, name: str, json: dict | None = None, **path: str) -> Any:
+        """Call the route of client method `name` and parse its answer as the route's response model."""
+        method, template, model = self.ROUTES[name]
+        data = self._request(method, template.format(**path), json)
+        kind = list[model] if name == "jobs" else model
+        try:
+            return TypeAdapter(kind).validate_python(data)
+        except ValidationError as e:
+            raise BackendError(f"the backend at {self.url} answered {method} {template} with a body that does not "
+                               f"fit its contract ({e.error_count()} problems: {e.errors()[0]['msg']})") from e
 
     def _request(self, method: str, path: str, json: dict | None = None) -> Any:
         try:
@@ -74,51 +108,55 @@ class HttpBackend:
 
     # -- the Backend protocol
 
-    def health(self) -> dict:
-        return self._request("GET", "/health")
+    def health(self) -> HealthResponse:
+        return self._call("health")
 
     def encode(self, *, width: int | None = None, latent: int | None = None,
-               vector: list[float] | None = None) -> dict:
-        body = {k: v for k, v in (("width", width), ("latent", latent), ("vector", vector)) if v is not None}
+               vector: list[float] | None = None) -> EncodeResponse:
+        body: dict[str, Any] = {k: v for k, v in (("width", width), ("latent", latent)) if v is not None}
         if vector is not None:
             vector = [float(x) for x in vector]
             bad = [i for i, x in enumerate(vector) if not math.isfinite(x)]
             if bad:  # JSON has no NaN/inf: refuse here, with the message the service would give
                 raise BackendError(f"vector[{bad[0]}]: Input should be a finite number ({len(bad)} NaN/inf values)")
             body["vector"] = vector
-        return self._request("POST", "/v1/encode", body)
+        return self._call("encode", body)
 
-    def activations(self, text: str, width: int, top_k: int = 5) -> dict:
-        return self._request("POST", "/v1/activations", {"text": text, "width": width, "top_k": top_k})
+    def activations(self, text: str, width: int, top_k: int = 5) -> ActivationsResponse:
+        return self._call("activations", {"text": text, "width": width, "top_k": top_k})
 
     def start_stitch(self, small: int, large: int, *, text: str | None = None, n_tokens: int | None = None,
-                     metrics: tuple[str, ...] = ("mse", "ce"), threshold: float | None = None) -> dict:
+                     metrics: tuple[str, ...] = ("mse", "ce"), threshold: float | None = None) -> StitchStarted:
         body: dict[str, Any] = {"small": small, "large": large, "metrics": list(metrics)}
         for k, v in (("text", text), ("n_tokens", n_tokens), ("threshold", threshold)):
             if v is not None:
                 body[k] = v
-        return self._request("POST", "/v1/stitch", body)
+        return self._call("start_stitch", body)
 
-    def job(self, job_id: str) -> dict:
-        return self._request("GET", f"/v1/jobs/{job_id}")
+    def job(self, job_id: str) -> JobResponse:
+        return self._call("job", job_id=job_id)
 
-    def cancel(self, job_id: str) -> dict:
-        return self._request("DELETE", f"/v1/jobs/{job_id}")
+    def cancel(self, job_id: str) -> JobResponse:
+        return self._call("cancel", job_id=job_id)
+
+    def jobs(self) -> list[JobResponse]:
+        """Every job the backend still keeps (results left out)."""
+        return self._call("jobs")
 
     # -- conveniences
 
-    def wait(self, job_id: str, timeout: float = 600.0, poll: float = 0.2) -> dict:
+    def wait(self, job_id: str, timeout: float = 600.0, poll: float = 0.2) -> JobResponse:
         """Poll a job until it is done, failed or cancelled (BackendError on timeout)."""
         end = time.monotonic() + timeout
         while True:
             j = self.job(job_id)
-            if j["status"] in ("done", "failed", "cancelled"):
+            if j.status in ("done", "failed", "cancelled"):
                 return j
             if time.monotonic() > end:
-                raise BackendError(f"job {job_id} still {j['status']} ({j['progress']:.0%}) after {timeout:.0f} s")
+                raise BackendError(f"job {job_id} still {j.status} ({j.progress:.0%}) after {timeout:.0f} s")
             time.sleep(poll)
 
-    def wait_ready(self, timeout: float = 60.0, poll: float = 0.1) -> dict:
+    def wait_ready(self, timeout: float = 60.0, poll: float = 0.1) -> HealthResponse:
         """Poll /health until it answers (any status but error); BackendError after `timeout`."""
         end = time.monotonic() + timeout
         while True:
@@ -183,7 +221,7 @@ class LocalBackendProcess:
         except OSError:
             return ""
 
-    def wait_ready(self, timeout: float = 90.0, status: tuple[str, ...] = ("loading", "ready")) -> dict:
+    def wait_ready(self, timeout: float = 90.0, status: tuple[str, ...] = ("loading", "ready")) -> HealthResponse:
         """Wait until /health answers with one of `status` (default: any but error); BackendError with the
         log's tail if the process exits, the atlas cannot be opened, or `timeout` passes."""
         end = time.monotonic() + timeout
@@ -193,7 +231,7 @@ class LocalBackendProcess:
                                    f"\n{self.log_tail()}")
             try:
                 h = self.client.health()
-                if h.get("status") in status:
+                if h.status in status:
                     return h
             except BackendError as e:
                 if e.status is not None:

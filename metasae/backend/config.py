@@ -4,7 +4,12 @@
 |-------------------------------|----------------------------------|------------------------------------------------------|
 | METASAE_ATLAS                 | data                             | atlas folder to serve                                |
 | METASAE_HOST / METASAE_PORT   | 127.0.0.1 / 8000                 | where to listen (loopback unless told otherwise)     |
-| METASAE_TOKEN                 | (none)                           | bearer token every /v1 route then requires           |
+| METASAE_TOKEN                 | (none)                           | bearer token every /v1 route then requires (set but  |
+|                               |                                  | empty or blank is an error, not "no auth")           |
+| METASAE_ALLOWED_HOSTS         | (auto)                           | Host header values accepted (comma list; * any). auto:|
+|                               |                                  | without a token only IP literals, localhost and the  |
+|                               |                                  | bound host (DNS rebinding); with a token, any        |
+| METASAE_PUBLIC_DOCS           | 0                                | 1: /docs, /redoc, /openapi.json need no token        |
 | METASAE_RAY_ADDRESS           | (none)                           | Ray cluster for stitching jobs (`auto`, `ray://...`) |
 | METASAE_DEVICE                | auto                             | auto (CUDA when available), cpu, cuda, cuda:N        |
 | METASAE_IDLE_TIMEOUT_S        | 600                              | release model and SAEs after this idle time (0: never)|
@@ -64,11 +69,18 @@ class Settings:
     stitch_fn: str = DEFAULT_STITCH_FN
     load_delay_s: float = 0.0
     parent_pid: int | None = None
+    allowed_hosts: tuple[str, ...] | None = None  # None: auto (see the module docstring)
+    public_docs: bool = False
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
         """Settings from METASAE_* variables; keyword arguments that are not None win over them."""
         d = cls()
+        raw_token = os.environ.get("METASAE_TOKEN")
+        if raw_token is not None and not raw_token.strip():
+            raise ValueError("METASAE_TOKEN is set but empty: unset it to run without authentication, or give the "
+                             "token every /v1 request must send")
+        hosts = _env("METASAE_ALLOWED_HOSTS", None, str)
         env = {
             "atlas": _env("METASAE_ATLAS", d.atlas, str),
             "host": _env("METASAE_HOST", d.host, str),
@@ -88,6 +100,8 @@ class Settings:
             "stitch_fn": _env("METASAE_STITCH_FN", d.stitch_fn, str),
             "load_delay_s": _env("METASAE_LOAD_DELAY_S", d.load_delay_s, float),
             "parent_pid": _env("METASAE_PARENT_PID", None, int),
+            "allowed_hosts": tuple(h.strip().lower() for h in hosts.split(",") if h.strip()) if hosts else None,
+            "public_docs": _env("METASAE_PUBLIC_DOCS", d.public_docs, bool),
         }
         env.update({k: v for k, v in overrides.items() if v is not None})
         unknown = set(env) - {f.name for f in fields(cls)}
@@ -105,5 +119,6 @@ class Settings:
             raise ValueError("idle_timeout_s and load_delay_s must be >= 0")
         if ":" not in self.stitch_fn:
             raise ValueError(f"stitch_fn must be module:function, got {self.stitch_fn!r}")
-        token = self.token.strip() if self.token else None
-        return replace(self, token=token or None)
+        if self.token is not None and not self.token.strip():
+            raise ValueError("token is set but empty: give a token, or none to run without authentication")
+        return replace(self, token=self.token.strip() if self.token else None)

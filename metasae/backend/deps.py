@@ -30,17 +30,25 @@ async def get_jobs(request: Request) -> JobManager:
     return request.app.state.jobs
 
 
-async def require_token(request: Request,
-                  cred: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)] = None) -> None:
-    """With METASAE_TOKEN set, every /v1 route needs `Authorization: Bearer <token>` (constant-time compare)."""
+def _token_ok(request: Request, cred: HTTPAuthorizationCredentials | None) -> bool:
     token = request.app.state.settings.token
-    if not token:
-        return
+    return cred is not None and hmac.compare_digest(cred.credentials.encode(), token.encode())
+
+
+async def require_token(request: Request,
+                        cred: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)] = None) -> None:
+    """`Authorization: Bearer <token>` (constant-time compare); only routed when METASAE_TOKEN is set."""
     if cred is None:
         raise ApiError(401, "Authorization: missing bearer token (this backend sets METASAE_TOKEN; send "
                             "'Authorization: Bearer <token>')")
-    if not hmac.compare_digest(cred.credentials.encode(), token.encode()):
+    if not _token_ok(request, cred):
         raise ApiError(401, "Authorization: wrong bearer token")
+
+
+async def optional_token(request: Request,
+                         cred: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)] = None) -> bool:
+    """Whether the request carries the right token (routes that answer less without it, like /health)."""
+    return _token_ok(request, cred)
 
 
 ResourcesDep = Annotated[Resources, Depends(get_resources)]

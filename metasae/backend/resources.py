@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from metasae.backend.config import Settings
-from metasae.backend.errors import ApiError, field_error, free_cuda_cache
+from metasae.backend.errors import ApiError, field_error, free_cuda_cache, is_oom
 
 log = logging.getLogger("metasae.backend")
 
@@ -55,6 +55,10 @@ def load_language_model(source: str, device: str):
     """The model an atlas manifest names (`tiny:<kind>:<seed>` for the test preset, else LanguageModel.load)."""
     from metasae.lm import LanguageModel, tiny_model
 
+    config = Path(source).expanduser() / "config.json"
+    if config.is_file() and "auto_map" in config.read_text(encoding="utf-8", errors="replace"):
+        raise ValueError(f"{config} maps to custom code (auto_map): it needs trust_remote_code, which metasae "
+                         "never runs")
     if source.startswith("tiny:"):
         parts = source.split(":")
         kind = parts[1] if len(parts) > 1 and parts[1] else "llama"
@@ -63,6 +67,33 @@ def load_language_model(source: str, device: str):
         lm.model.to(device)
         return lm
     return LanguageModel.load(source, device=device)
+
+
+def load_problem(e: BaseException) -> str:
+    """One line on why a model could not be loaded (transformers' own messages run to paragraphs)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if "trust_remote_code" in str(e) or "custom code" in str(e):
+        return f"{type(e).__name__}: it needs custom code (trust_remote_code), which metasae never runs"
+    return f"{type(e).__name__}: {text[:300]}"
+
+
+def load_sae(path_of: Callable[[], Path], what: str, device: str = "cpu"):
+    """Load a sae-lens folder after the cheap checks `verify` makes (no pickles, a sane header, shapes agreeing
+    with cfg.json); anything wrong with the weights is a 503 that starts with `what` and says why."""
+    import json
+
+    from metasae.atlas import SAE_FILES, AtlasError, check_weights
+    from metasae.sae import Sae, SaeError
+
+    try:
+        folder = path_of()
+        cfg = json.loads((folder / SAE_FILES[0]).read_text(encoding="utf-8"))
+        problems = check_weights(folder / SAE_FILES[1], cfg if isinstance(cfg, dict) else {}, finite=False)
+        if problems:
+            raise SaeError(f"{SAE_FILES[1]}: " + "; ".join(problems))
+        return Sae.load(folder, device=device)
+    except (AtlasError, SaeError, OSError, ValueError) as e:  # ValueError: cfg.json that is not JSON
+        raise ApiError(503, f"{what} cannot be loaded ({e})") from e
 
 
 class Resources:
@@ -164,47 +195,37 @@ class Resources:
         return key in self._loaded
 
     def lm(self):
-        """The atlas's language model (loaded on first need)."""
+        """The atlas's language model (loaded on first need); one that cannot be loaded is a 503 saying why."""
         m = self.manifest["model"]
+        source = str(m.get("source") or m.get("name"))
 
         def load():
-            lm = load_language_model(str(m.get("source") or m.get("name")), self.device)
+            try:
+                lm = load_language_model(source, self.device)
+            except Exception as e:
+                if is_oom(e):
+                    raise
+                raise ApiError(503, f"model: the atlas's language model {source!r} cannot be loaded here "
+                                    f"({load_problem(e)})") from e
             if m.get("d_model") and lm.d_model != int(m["d_model"]):
-                raise ApiError(500, f"model {m.get('source')} has d_model {lm.d_model}, the atlas says {m['d_model']}")
+                raise ApiError(503, f"model: {source} has d_model {lm.d_model}, the atlas says {m['d_model']}")
             return lm
 
         return self._get("model", load)
 
     def sae(self, width: int, field: str = "width"):
-        """The SAE of one width (loaded on first need); unknown widths are a 422 naming `field`."""
-        from metasae.atlas import AtlasError
-        from metasae.sae import Sae
-
+        """The SAE of one width (loaded on first need); unknown widths are a 422 naming `field`, weights that
+        cannot be loaded a 503 naming it."""
         self.check_width(width, field)
         atlas = self.atlas()
-
-        def load():
-            try:
-                return Sae.load(atlas.sae_path(width), device=self.device)
-            except AtlasError as e:
-                raise field_error(field, str(e)) from e
-
-        return self._get(f"sae:{width}", load)
+        return self._get(f"sae:{width}", lambda: load_sae(lambda: atlas.sae_path(width),
+                                                            f"{field}: the SAE of width {width}", self.device))
 
     def meta(self):
         """The atlas's meta-SAE (loaded on first need)."""
-        from metasae.atlas import AtlasError
-        from metasae.sae import Sae
-
         atlas = self.atlas()
-
-        def load():
-            try:
-                return Sae.load(atlas.meta_sae_path(), device=self.device)
-            except AtlasError as e:
-                raise ApiError(422, str(e)) from e
-
-        return self._get("meta_sae", load)
+        return self._get("meta_sae", lambda: load_sae(atlas.meta_sae_path, "meta_sae: the atlas's meta-SAE",
+                                                  self.device))
 
     def latent_labels(self, width: int) -> np.ndarray:
         """Label of every latent of one width, indexed by latent id (from latents.parquet)."""

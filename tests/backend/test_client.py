@@ -46,28 +46,28 @@ def test_every_method_round_trips(be):
 
 
 def test_errors_raise_backend_error_with_the_service_message(be):
-    with pytest.raises(BackendError, match=r"^width: 100 is not a width") as e:
+    with pytest.raises(BackendError, match=r"^width: Input should be 64, 128 or 256") as e:
         be.encode(width=100, latent=0)
     assert e.value.status == 422
-    with pytest.raises(BackendError, match=r"^vector: has 2 values") as e:
+    with pytest.raises(BackendError, match=r"^vector: List should have at least 32 items") as e:
         be.encode(vector=[1.0, 2.0])
     with pytest.raises(BackendError, match=r"^vector\[0\]: Input should be a finite number"):
         be.encode(vector=[float("nan")] * 32)
     with pytest.raises(BackendError, match=r"^text: ") as e:
         be.activations("", 64)
     with pytest.raises(BackendError, match=r"^job_id: ") as e:
-        be.job("missing")
+        be.job("0" * 32)
     assert e.value.status == 404
 
 
 def test_token(aux_server, aux_token):
     with pytest.raises(BackendError, match="^Authorization: missing bearer token") as e:
-        HttpBackend(aux_server.url).job("x")
+        HttpBackend(aux_server.url).job("0" * 32)
     assert e.value.status == 401
     with pytest.raises(BackendError, match="^Authorization: wrong bearer token"):
-        HttpBackend(aux_server.url, token="nope").job("x")
+        HttpBackend(aux_server.url, token="nope").job("0" * 32)
     with pytest.raises(BackendError) as e:
-        HttpBackend(aux_server.url, token=aux_token).job("x")
+        HttpBackend(aux_server.url, token=aux_token).job("0" * 32)
     assert e.value.status == 404
 
 
@@ -84,7 +84,7 @@ def test_get_backend_uses_the_url_and_token_from_the_environment(monkeypatch, au
     assert isinstance(b, HttpBackend) and b.url == aux_server.url
     assert b.job.__self__ is b and b.health()["auth"] is True
     with pytest.raises(BackendError) as e:
-        b.job("x")
+        b.job("0" * 32)
     assert e.value.status == 404  # the token went along
     assert client_mod._local is None  # nothing was started
 

@@ -18,11 +18,11 @@ from metasae.backend.resources import Resources
 
 def test_settings_from_env(monkeypatch):
     monkeypatch.setenv("METASAE_PORT", "9001")
-    monkeypatch.setenv("METASAE_TOKEN", "  ")
+    monkeypatch.setenv("METASAE_TOKEN", " tok ")
     monkeypatch.setenv("METASAE_PRELOAD", "yes")
     monkeypatch.setenv("METASAE_IDLE_TIMEOUT_S", "2.5")
     s = Settings.from_env(atlas="/x", port=None)
-    assert (s.atlas, s.port, s.token, s.preload, s.idle_timeout_s, s.host) == ("/x", 9001, None, True, 2.5,
+    assert (s.atlas, s.port, s.token, s.preload, s.idle_timeout_s, s.host) == ("/x", 9001, "tok", True, 2.5,
                                                                                  "127.0.0.1")
     assert Settings.from_env(port=1234).port == 1234  # a flag wins over the environment
     monkeypatch.setenv("METASAE_MAX_BODY_BYTES", "lots")
@@ -44,7 +44,7 @@ def app_client(tiny_atlas):
     settings = Settings.from_env(atlas=str(tiny_atlas), idle_timeout_s=0)
     res = Resources(settings, device="cpu")
     res.open_atlas()
-    with TestClient(create_app(settings, res, background=False)) as c:
+    with TestClient(create_app(settings, res, background=False), base_url="http://127.0.0.1") as c:
         yield c, res
 
 
@@ -82,7 +82,7 @@ def test_an_atlas_that_cannot_be_opened_is_reported_not_fatal(tmp_path):
     settings = Settings.from_env(atlas=str(tmp_path))
     res = Resources(settings, device="cpu")
     res.open_atlas()
-    with TestClient(create_app(settings, res, background=False)) as c:
+    with TestClient(create_app(settings, res, background=False), base_url="http://127.0.0.1") as c:
         h = c.get("/health")
         assert h.status_code == 503 and h.json()["status"] == "error" and "format_version" in h.json()["atlas_error"]
         r = c.post("/v1/encode", json={"width": 64, "latent": 0})

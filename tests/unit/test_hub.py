@@ -104,3 +104,19 @@ def test_push_refuses_a_bad_atlas_without_calling_the_hub(atlas_dir: Path, tmp_p
     with pytest.raises(AtlasError, match="latents.parquet"):
         hub.push(bad, REPO)
     assert rec.calls == []
+
+
+def test_push_refuses_an_atlas_with_a_link_out_of_it(atlas_dir: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """upload_folder follows links: a link to ~/.ssh/id_rsa inside the atlas would upload the key."""
+    rec = _Recorder()
+    for name in ("create_repo", "upload_folder", "upload_file"):
+        monkeypatch.setattr(HfApi, name, rec.method(name))
+    bad = Path(shutil.copytree(atlas_dir, tmp_path / "bad"))
+    secret = tmp_path / "id_rsa"
+    secret.write_text("PRIVATE KEY")
+    (bad / "saes").mkdir(exist_ok=True)
+    (bad / "saes" / "key.txt").symlink_to(secret)
+    with pytest.raises(AtlasError, match=r"saes/key.txt: a symbolic link .* outside the atlas"):
+        hub.push(bad, REPO)
+    assert rec.calls == []

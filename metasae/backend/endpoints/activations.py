@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Any
 
-from metasae.backend.deps import ResourcesDep, SettingsDep, computing
+from metasae.backend.config import Settings
+from metasae.backend.deps import computing
 from metasae.backend.errors import field_error
-from metasae.backend.schemas import ActivationsRequest, ActivationsResponse
-
-router = APIRouter(tags=["live"])
+from metasae.backend.resources import Resources
 
 
 def token_ids(tokenizer, text: str) -> list[int]:
@@ -18,13 +17,10 @@ def token_ids(tokenizer, text: str) -> list[int]:
     return [int(t) for t in _encode(tokenizer, [text])[0]]
 
 
-@router.post("/activations", response_model=ActivationsResponse, summary="per-token top latents of new text")
-def activations(req: ActivationsRequest, res: ResourcesDep,
-                settings: SettingsDep) -> dict:
+def activations(req: Any, res: Resources, settings: Settings) -> dict:
+    """`req` is the ActivationsRequest body of this atlas (schemas.activations_body)."""
     import torch
 
-    if len(req.text) > settings.max_text_chars:
-        raise field_error("text", f"has {len(req.text)} characters, the limit is {settings.max_text_chars}", 413)
     res.check_width(req.width)
     with computing(res, "computing activations"):
         lm = res.lm()

@@ -1,20 +1,19 @@
-"""GET /health: answers at once (no auth, no loading), also while the atlas or a model loads."""
+"""GET /health: answers at once (no loading), also while the atlas or a model loads."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from metasae.backend.schemas import HealthResponse
 
-router = APIRouter(tags=["health"])
-
-
-@router.get("/health", response_model=HealthResponse, summary="service status (loading | ready) and device")
-async def health(request: Request) -> JSONResponse:
+def health(request: Request, full: bool) -> JSONResponse:
+    """The service's status; `full=False` (a token is set and was not sent): status, auth and version only."""
     state = request.app.state
     body = state.resources.status()
+    status = 503 if body["status"] == "error" else 200
+    if not full:
+        return JSONResponse({"status": body["status"], "auth": True, "version": state.version}, status_code=status)
     manifest = state.resources._atlas.manifest if state.resources._atlas is not None else {}
     body.update(model=(manifest.get("model") or {}).get("name"), jobs=state.jobs.counts(),
                 auth=bool(state.settings.token), version=state.version)
-    return JSONResponse(body, status_code=503 if body["status"] == "error" else 200)
+    return JSONResponse(body, status_code=status)

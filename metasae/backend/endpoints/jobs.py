@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-
-from metasae.backend.deps import JobsDep
-from metasae.backend.schemas import JobResponse
-
-router = APIRouter(tags=["stitching"])
+from metasae.backend.jobs import JobManager
 
 
-@router.get("/jobs", response_model=list[JobResponse], summary="all jobs still kept (results left out)")
-def list_jobs(jobs: JobsDep) -> list[dict]:
+def list_jobs(jobs: JobManager) -> list[dict]:
     return [j.to_dict() | {"result": None} for j in jobs.all()]
 
 
-@router.get("/jobs/{job_id}", response_model=JobResponse, summary="a job's status, progress and result")
-def get_job(job_id: str, jobs: JobsDep) -> dict:
+def get_job(job_id: str, jobs: JobManager) -> dict:
     return jobs.get(job_id).to_dict()
 
 
-@router.delete("/jobs/{job_id}", response_model=JobResponse, summary="cancel a job")
-def cancel_job(job_id: str, jobs: JobsDep) -> dict:
+def cancel_job(job_id: str, jobs: JobManager) -> dict:
     return jobs.cancel(job_id).to_dict()

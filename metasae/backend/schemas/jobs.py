@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
+
+from metasae.backend.schemas.common import Response
 
 
-class JobResponse(BaseModel):
+class JobResponse(Response):
     id: str
     kind: str
     status: Literal["queued", "running", "done", "failed", "cancelled"]
