@@ -46,41 +46,73 @@ def _short(text: Any, n: int = 28) -> str:
 
 
 def ladder_figure(ladder: pd.DataFrame, curves: dict[tuple[int, int], pd.DataFrame]) -> go.Figure:
-    """MSE vs L0: one marker per SAE of the ladder, joined by the stitching interpolation between neighbours."""
-    fig = _fig("Reconstruction MSE vs L0 — the ladder and the stitched paths between its rungs",
-               xaxis_title="L0 (active latents per token)", yaxis_title="MSE", height=420)
-    for (small, large), c in sorted(curves.items()):
-        if c.empty:
-            continue
-        c = thin(c, MAX_CURVE_POINTS)
+    """MSE vs L0, one panel per neighbouring pair: the stitched path and its two rungs, labelled left (small)
+    and right (large) so the labels never overlap even when the rungs share an L0 (BatchTopK ladders do)."""
+    from plotly.subplots import make_subplots
+
+    pairs = sorted(p for p, c in curves.items() if not c.empty)
+    ok = ladder.dropna(subset=["l0", "mse"]).set_index("width")
+    title = "Reconstruction MSE vs L0 — each pair's stitched path between its two rungs"
+    if not pairs:
+        fig = _fig(title, xaxis_title="L0 (active latents per token)", yaxis_title="MSE", height=420)
+        fig.add_trace(go.Scatter(x=ok["l0"], y=ok["mse"], mode="markers+text", name="SAEs",
+                                 text=[str(int(w)) for w in ok.index], textposition="top right",
+                                 marker=dict(size=11, color="#222", symbol="diamond")))
+        return fig
+    fig = make_subplots(rows=1, cols=len(pairs), shared_yaxes=True, horizontal_spacing=0.03,
+                        subplot_titles=[f"{a} → {b}" for a, b in pairs])
+    fig.update_layout(title=dict(text=title, font=dict(size=15)), **{**_LAYOUT, "height": 420,
+                                                                       "margin": dict(l=10, r=10, t=70, b=10)})
+    palette = ["#4c78a8", "#e4572e", "#2a9d8f", "#8e44ad", "#f2a541", "#7f8c8d"]
+    mses: list[float] = []
+    for j, (small, large) in enumerate(pairs, start=1):
+        c = thin(curves[(small, large)], MAX_CURVE_POINTS)
         fig.add_trace(go.Scatter(
-            x=c["l0"], y=c["mse"], mode="lines", name=f"stitch {small}→{large}", line=dict(width=2),
+            x=c["l0"], y=c["mse"], mode="lines", name=f"stitch {small}→{large}",
+            line=dict(width=1.5, color=palette[(j - 1) % len(palette)]),
             customdata=np.stack([c["step"], c["action"].astype(str)], axis=1),
-            hovertemplate="step %{customdata[0]} (%{customdata[1]})<br>L0 %{x:.3g}<br>MSE %{y:.4g}<extra></extra>"))
-    ok = ladder.dropna(subset=["l0", "mse"])
-    if len(ok):
-        fig.add_trace(go.Scatter(
-            x=ok["l0"], y=ok["mse"], mode="markers+text", name="SAEs", text=[f"{int(w)}" for w in ok["width"]],
-            textposition="top right", marker=dict(size=11, color="#222", symbol="diamond"),
-            hovertemplate="width %{text}<br>L0 %{x:.3g}<br>MSE %{y:.4g}<extra></extra>"))
+            hovertemplate="step %{customdata[0]} (%{customdata[1]})<br>L0 %{x:.3g}<br>MSE %{y:.4g}<extra></extra>"),
+            row=1, col=j)
+        mses += [float(v) for v in pd.to_numeric(c["mse"], errors="coerce").dropna()]
+        rungs = [w for w in (small, large) if w in ok.index]
+        if rungs:
+            fig.add_trace(go.Scatter(
+                x=[ok.loc[w, "l0"] for w in rungs], y=[ok.loc[w, "mse"] for w in rungs], mode="markers+text",
+                name="SAEs", legendgroup="SAEs", showlegend=j == 1, text=[str(int(w)) for w in rungs],
+                textposition=["middle left" if w == small else "middle right" for w in rungs],
+                marker=dict(size=10, color="#222", symbol="diamond"), cliponaxis=False,
+                hovertemplate="width %{text}<br>L0 %{x:.3g}<br>MSE %{y:.4g}<extra></extra>"), row=1, col=j)
+            mses += [float(ok.loc[w, "mse"]) for w in rungs]
+        fig.update_xaxes(title_text="L0", row=1, col=j)
+    fig.update_yaxes(title_text="MSE", row=1, col=1)
     fig.update_layout(legend=dict(orientation="h", y=-0.2))
-    mses = [c["mse"].min() for c in curves.values() if not c.empty] + list(ok["mse"])
     if mses and min(mses) > 0:  # a stitched path can overshoot the SAEs by 10x: log keeps both readable
         fig.update_yaxes(type="log")
     return fig
 
 
-def novel_fraction_figure(pairs: pd.DataFrame, paper: float = 0.35) -> go.Figure:
-    """Fraction of the larger SAE's latents that are novel, per neighbouring pair."""
-    fig = _fig("Novel latents per pair (larger SAE)", yaxis_title="fraction novel", yaxis_range=[0, 1])
-    if len(pairs) and "novel_frac" in pairs:
-        fig.add_trace(go.Bar(x=pairs["pair"], y=pairs["novel_frac"], marker_color=KIND_COLORS["novel"],
-                             text=[f"{v:.0%}" for v in pairs["novel_frac"]], textposition="inside",
-                             insidetextanchor="end", textfont=dict(color="white"),
-                             hovertemplate="%{x}: %{y:.1%} novel<extra></extra>", name="novel"))
+def novel_fraction_figure(pairs: pd.DataFrame, paper: float = 0.35, seed_mismatch: float | None = None) -> go.Figure:
+    """Novel share of the larger SAE per pair: the cosine proxy (all, live) and the paper's functional test
+    where the atlas records them, beside the paper's ~35% and the same-width seed baseline."""
+    fig = _fig("Novel latents per pair (larger SAE)", yaxis_title="fraction novel", yaxis_range=[0, 1.08],
+               barmode="group")
+    series = [("novel_frac", "cosine proxy, all latents", KIND_COLORS["novel"]),
+              ("novel_frac_cos_live", "cosine proxy, live latents", "#f2a541"),
+              ("novel_frac_functional", "functional (insertion lowers MSE)", "#2a9d8f")]
+    for col, name, color in series:
+        if len(pairs) and col in pairs and pd.to_numeric(pairs[col], errors="coerce").notna().any():
+            y = pd.to_numeric(pairs[col], errors="coerce")
+            fig.add_trace(go.Bar(x=pairs["pair"], y=y, marker_color=color, name=name,
+                                 text=[f"{v:.0%}" if v == v else "" for v in y], textposition="outside",
+                                 hovertemplate="%{x}: %{y:.1%} " + name + "<extra></extra>"))
     fig.add_hline(y=paper, line_dash="dot", line_color="#555",
-                  annotation_text=f"paper (GPT-2): ~{paper:.0%}", annotation_position="top right")
+                  annotation_text=f"paper (GPT-2): ~{paper:.0%}", annotation_position="bottom left")
+    if seed_mismatch is not None:
+        fig.add_hline(y=seed_mismatch, line_dash="dash", line_color="#8e44ad",
+                      annotation_text=f"two seeds, same width: {seed_mismatch:.0%} unmatched",
+                      annotation_position="top right")
     fig.update_xaxes(type="category", title="pair (small→large)")
+    fig.update_layout(legend=dict(orientation="h", y=-0.3))
     return fig
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from metasae.atlas import AtlasError, write_manifest, write_table
+from metasae.atlas import DEAD_LABEL, AtlasError, write_manifest, write_table
 
 DEFAULT_WIDTHS = (64, 128, 256)
 PAPER_WIDTHS = (768, 1536, 3072, 6144, 12288, 24576, 49152, 98304)
@@ -223,12 +223,24 @@ def make_synthetic_atlas(
     stitching, stats = _stitching(rng, lad, latents)
     kinds = latents["kind"].to_numpy(zero_copy_only=False)
     groups = latents["group_id"].fill_null(-1).to_numpy()
+    density = latents["density"].to_numpy()
     pairs = []  # same shape as metasae.build writes: one summary per (small, large) pair
     for i in range(1, len(widths)):
         s, e = lad.starts[i], lad.starts[i] + lad.sizes[i]
+        live = density[s:e] > 0
+        novel = kinds[s:e] == "novel"
         pairs.append({"small": widths[i - 1], "large": widths[i],
-                      "novel_frac": float(np.mean(kinds[s:e] == "novel")),
-                      "n_groups": int(len(np.unique(groups[s:e][groups[s:e] >= 0])))})
+                      "novel_frac": float(np.mean(novel)),
+                      "n_groups": int(len(np.unique(groups[s:e][groups[s:e] >= 0]))),
+                      # planted: the functional test (insertion lowers MSE) finds fewer novel latents than cosine
+                      "novel_frac_functional": round(0.6 * float(np.mean(novel[live])), 4),
+                      "novel_frac_cos_live": float(np.mean(novel[live])), "n_live_large": int(live.sum()),
+                      "monotone_frac": 0.97})
+    for i, w in enumerate(widths):
+        d = density[lad.starts[i]:lad.starts[i] + w]
+        stats[w].update(n_dead=int((d == 0).sum()), n_rare=int(((d > 0) & (d < 1e-4)).sum()),
+                        n_dense=int((d > 0.1).sum()),
+                        always_on_share=round(float(d[d > 0.5].sum() / max(d.sum(), 1e-12)), 4))
 
     for name, table in (("latents", latents), ("decompositions", dec), ("examples", examples),
                         ("meta_latents", meta), ("stitching", stitching)):
@@ -246,8 +258,18 @@ def make_synthetic_atlas(
             "created": "2025-01-01T00:00:00+00:00",  # fixed so the same seed gives the same bytes
         },
         "saes": [{"width": w, "path": f"saes/{w}", **stats[w]} for w in widths],
-        "meta_sae": {"path": "meta_sae", "width": n_meta, "k": k, "fvu": 0.52},
-        "stitching": {"threshold": COS_THRESHOLD, "pairs": pairs},
+        "meta_sae": {"path": "meta_sae", "width": n_meta, "k": k, "fvu": 0.52, "train_fvu": 0.52,
+                     "heldout_fvu": 0.61, "random_heldout_fvu": 0.97, "seed_stability": 0.42, "overlap": None,
+                     "rows": {"source": "pooled", "n_rows": lad.n, "min_density": 1e-4, "max_density": 0.1}},
+        "stitching": {"threshold": COS_THRESHOLD, "pairs": pairs,
+                      "seed_baseline": {"width": widths[1], "mismatch_frac": 0.31, "median_max_cos": 0.74,
+                                        "seeds": [seed, seed + 1]}},
+        "showcase": [{"role": role, "width": planted[name]["width"], "latent": planted[name]["latent"],
+                      "label": planted[name]["label"], "why": why}
+                     for role, name, why in (("person", "einstein", "a named person, decomposed into science + "
+                                                                    "prominent figures + German"),
+                                             ("science", "physics", "a science topic with a clear family"))
+                     if name in planted],
         "weights": with_weights,
         "synthetic": True,
     }
@@ -273,8 +295,17 @@ def _latents_table(rng: np.random.Generator, lad: _Ladder, words: pa.Array,
     delta_mse = (-rng.exponential(1e-4, size=n)).astype(np.float32)
     delta_ce = (-rng.exponential(1e-3, size=n)).astype(np.float32)
     top_idx = rng.integers(len(tokens), size=(n, N_TOP))
+    labels = _labels(rng, words, n)
+    # the last latents of every width: always on, dense, dead (as real ladders have; set after the random draws
+    # so every other value stays what this seed always gave)
+    for i, w in enumerate(lad.widths):
+        last = lad.starts[i] + w
+        density[[last - 1, last - 2, last - 3]] = (0.6, 0.25, 0.0)
+    dead = np.flatnonzero(density == 0)
+    labels = pa.array(np.where(np.isin(np.arange(n), dead), DEAD_LABEL, labels.to_numpy(zero_copy_only=False)),
+                      pa.string())
     table = pa.table({
-        "sae_width": lad.width, "latent": lad.latent, "label": _labels(rng, words, n),
+        "sae_width": lad.width, "latent": lad.latent, "label": labels,
         "density": density, "mean_act": mean_act, "max_act": max_act,
         "top_logits": _token_lists(rng, tokens, n, N_TOP),
         "delta_mse": delta_mse, "delta_ce": delta_ce,

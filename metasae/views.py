@@ -95,6 +95,47 @@ def fmt(x: Any, digits: int = 4) -> str:
     return f"{v:.{digits}g}"
 
 
+MISSING = "—"
+
+
+def to_csv(df: pd.DataFrame) -> bytes:
+    """A table as CSV bytes (what a download button hands out); lists are kept as their text."""
+    return df.to_csv(index=False).encode()
+
+
+def to_parquet(df: pd.DataFrame) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    df.reset_index(drop=True).to_parquet(buf, index=False)
+    return buf.getvalue()
+
+
+def styled(df: pd.DataFrame, column_config: dict[str, Any] | None = None) -> Any:
+    """The table with missing values drawn as '—' (Streamlit shows 'None'); numbers keep their column format."""
+    fmts: dict[str, Any] = {}
+    for col in df.columns:
+        cfg = (column_config or {}).get(col)
+        spec = (cfg or {}).get("type_config", {}).get("format") if isinstance(cfg, dict) else None
+        if pd.api.types.is_numeric_dtype(df[col]) and not pd.api.types.is_bool_dtype(df[col]):
+            fmts[col] = _printf(spec) if spec else (lambda v: fmt(v, 4))
+    if not len(df) or not (df.isna().to_numpy().any() or fmts):
+        return df
+    return df.style.format(fmts, na_rep=MISSING)
+
+
+def _printf(spec: str) -> Any:
+    """A printf-style column format ('%.3f', '%d', '%.2e') as a function."""
+
+    def f(v: Any) -> str:
+        try:
+            return spec % (int(v) if spec.endswith("d") else float(v))
+        except (TypeError, ValueError):
+            return str(v)
+
+    return f
+
+
 def latent_name(width: int, latent: int, label: Any = None) -> str:
     """'128/7 · label' — how a latent is named in links."""
     base = f"{int(width)}/{int(latent)}"
@@ -181,20 +222,189 @@ def curves(atlas: Atlas) -> dict[tuple[int, int], pd.DataFrame]:
 
 
 def findings(atlas: Atlas) -> dict[str, Any]:
-    """The numbers that tell the paper's two findings for this atlas."""
+    """The numbers that tell the paper's two findings for this atlas (new manifest fields read with fallbacks)."""
     facts = overview_facts(atlas)
     pairs = pair_summaries(atlas)
+
+    def mean(col: str) -> float | None:
+        v = pd.to_numeric(pairs[col], errors="coerce").dropna() if col in pairs else pd.Series(dtype=float)
+        return float(v.mean()) if len(v) else None
+
     nf = pairs["novel_frac"].dropna() if "novel_frac" in pairs else pd.Series(dtype=float)
+    meta = _section(atlas, "meta_sae")
+    stitch = _section(atlas, "stitching")
     fvu = facts["meta_fvu"]
+    heldout, train, rand = (number(meta.get(k)) for k in ("heldout_fvu", "train_fvu", "random_heldout_fvu"))
+    overlap = meta.get("overlap")
+    base = stitch.get("seed_baseline") if isinstance(stitch.get("seed_baseline"), dict) else None
     return {
         "novel_frac_mean": float(nf.mean()) if len(nf) else None,
         "novel_frac_min": float(nf.min()) if len(nf) else None,
         "novel_frac_max": float(nf.max()) if len(nf) else None,
+        "novel_functional": mean("novel_frac_functional"), "novel_cos_live": mean("novel_frac_cos_live"),
+        "monotone_frac": mean("monotone_frac"), "seed_baseline": base,
         "n_pairs": len(pairs), "threshold": facts["threshold"],
         "meta_var_explained": None if fvu is None else 1.0 - float(fvu),
+        "meta_heldout_explained": None if heldout is None else 1.0 - heldout,
+        "meta_train_explained": None if train is None else 1.0 - train,
+        "meta_random_explained": None if rand is None else 1.0 - rand,
+        "meta_seed_stability": number(meta.get("seed_stability")),
+        "meta_rows": meta.get("rows") if isinstance(meta.get("rows"), dict) else None,
         "meta_width": facts["meta_width"], "meta_k": facts["meta_k"], "meta_terms": facts["meta_terms"],
-        "meta_overlap": facts["meta_overlap"],
+        "meta_overlap": facts["meta_overlap"], "meta_overlap_measured": "overlap" in meta and overlap is not None,
     }
+
+
+PAPER = {"novel_frac": 0.35, "meta_explained": 0.5, "overlap": 0.2892}  # arXiv 2502.04878 (GPT-2 small)
+
+
+def _section(atlas: Atlas, name: str) -> dict[str, Any]:
+    v = atlas.manifest.get(name)
+    return v if isinstance(v, dict) else {}
+
+
+def number(x: Any) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def path_shape(curves: dict[tuple[int, int], pd.DataFrame]) -> dict[str, float | None]:
+    """How smooth the stitched paths are: share of steps where MSE does not rise, and the highest point of any
+    path over the larger of its two ends (1.0 = never above the rungs)."""
+    steps = rises = 0
+    peak = None
+    for c in curves.values():
+        mse = pd.to_numeric(c["mse"], errors="coerce").dropna().to_numpy() if len(c) else np.array([])
+        if len(mse) < 2:
+            continue
+        d = np.diff(mse)
+        steps, rises = steps + len(d), rises + int((d > 0).sum())
+        ends = max(mse[0], mse[-1])
+        if ends > 0:
+            peak = max(peak or 0.0, float(mse.max() / ends))
+    return {"monotone_frac": None if not steps else 1 - rises / steps, "peak_over_ends": peak}
+
+
+def paper_notes(atlas: Atlas) -> dict[str, str]:
+    """One plain sentence per headline number that differs from the paper, built from this atlas's values.
+
+    Keys: "novel", "paths", "meta", "overlap" (absent when the atlas agrees with the paper or does not say).
+    """
+    f = findings(atlas)
+    out: dict[str, str] = {}
+    func, cos_all, cos_live = f["novel_functional"], f["novel_frac_mean"], f["novel_cos_live"]
+    head = func if func is not None else cos_all
+    if head is not None and abs(head - PAPER["novel_frac"]) > 0.05:
+        parts = []
+        if func is not None:
+            parts.append(f"{func:.0%} by the paper's functional test (inserting the latent lowers the smaller "
+                         f"SAE's MSE)")
+        if cos_live is not None:
+            parts.append(f"{cos_live:.0%} of live latents by the cosine proxy")
+        elif cos_all is not None:
+            parts.append(f"{cos_all:.0%} of all latents by the cosine proxy")
+        text = f"The paper finds ~{PAPER['novel_frac']:.0%} novel on GPT-2; here " + " and ".join(parts)
+        base = f["seed_baseline"]
+        mis = number((base or {}).get("mismatch_frac"))
+        if mis is not None:
+            text += (f", while two training seeds of the same width {base.get('width', '?')} already leave "
+                     f"{mis:.0%} of live latents without a partner at cos ≥ {f['threshold']:g} — so that much "
+                     f"'novelty' appears without any change of width")
+        out["novel"] = text + "."
+    shape = path_shape(curves(atlas))
+    mono = f["monotone_frac"] if f["monotone_frac"] is not None else shape["monotone_frac"]
+    peak = shape["peak_over_ends"]
+    if (mono is not None and mono < 0.95) or (peak is not None and peak > 1.05):
+        text = "In the paper these paths fall smoothly; here"
+        if mono is not None:
+            text += f" MSE does not rise on {mono:.0%} of the steps"
+        if peak is not None and peak > 1.05:
+            text += (f"{',' if mono is not None else ''} and a path climbs to {peak:.1f}× the MSE of its higher "
+                     "end: groups are ordered by their effect measured alone, and applied together those effects "
+                     "do not add up")
+        out["paths"] = text + "."
+    ve = f["meta_heldout_explained"] if f["meta_heldout_explained"] is not None else f["meta_var_explained"]
+    if ve is not None and abs(ve - PAPER["meta_explained"]) > 0.1:
+        which = "held-out decoder rows" if f["meta_heldout_explained"] is not None else "its training rows"
+        text = f"The paper's meta-SAE explains about half of the variance; this one explains {ve:.0%} of {which}"
+        if f["meta_random_explained"] is not None:
+            text += f" (a meta-SAE on random rows: {f['meta_random_explained']:.0%})"
+        rows = f["meta_rows"] or {}
+        if rows.get("n_rows"):
+            text += (f", trained on {int(rows['n_rows']):,} rows "
+                     + ("pooled over the widths" if rows.get("source") == "pooled" else "of the largest SAE"))
+        out["meta"] = text + "."
+    ov = f["meta_overlap"]
+    if not f["meta_overlap_measured"] and "overlap" in _section(atlas, "meta_sae"):
+        out["overlap"] = ("The paper measures a 28.92% overlap between sharing a meta-latent and sharing a "
+                          "stitching group; on this atlas it is not measurable (too few swap groups).")
+    elif ov is not None and abs(float(ov) - PAPER["overlap"]) > 0.05:
+        out["overlap"] = (f"The paper measures a {PAPER['overlap']:.2%} overlap between sharing a meta-latent and "
+                          f"sharing a stitching group; here it is {float(ov):.2%}.")
+    return out
+
+
+def showcase(atlas: Atlas, role: str | None = None) -> dict[str, Any] | None:
+    """The build's showcase latent (the first one, or the first of ``role``) if it is in this atlas, else None."""
+    items = atlas.manifest.get("showcase")
+    if not isinstance(items, list):
+        return None
+    for item in items:
+        if not isinstance(item, dict) or (role and item.get("role") != role):
+            continue
+        try:
+            w, i = int(item["width"]), int(item["latent"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if w in atlas.widths and 0 <= i < atlas.n_latents(w):
+            return {**item, "width": w, "latent": i}
+    return None
+
+
+DENSE = 0.1  # density above which a latent counts as dense (fires on more than 1 token in 10)
+RARE = 1e-4
+
+
+def latent_counts(atlas: Atlas) -> pd.DataFrame:
+    """Per width: latents, dead, rare, dense and the share of active slots taken by always-on latents
+    (the manifest's counts, or computed from the density column when an older atlas lacks them)."""
+    recorded = {s.get("width"): s for s in atlas.manifest.get("saes") or [] if isinstance(s, dict)}
+    rows = []
+    for w in atlas.widths:
+        rec = recorded.get(w) or {}
+        d = atlas.latents_table(w, ["density"])["density"].to_numpy(dtype=float)
+        d = np.nan_to_num(d, nan=0.0)
+        rows.append({"width": w, "latents": len(d),
+                     "dead": rec.get("n_dead", int((d == 0).sum())),
+                     "rare": rec.get("n_rare", int(((d > 0) & (d < RARE)).sum())),
+                     "dense": rec.get("n_dense", int((d > DENSE).sum())),
+                     "always_on_share": rec.get("always_on_share",
+                                                float(d[d > 0.5].sum() / d.sum()) if d.sum() > 0 else None)})
+    return pd.DataFrame(rows, columns=["width", "latents", "dead", "rare", "dense", "always_on_share"])
+
+
+def badge(density: Any, label: Any = None, dense: float = DENSE) -> str:
+    """'dead', 'dense' or '' for a latent (dead: never fired on the statistics tokens)."""
+    d = number(density)
+    if label == DEAD_LABEL or d == 0:
+        return "dead"
+    if d is not None and d > dense:
+        return "dense"
+    return ""
+
+
+def with_badges(df: pd.DataFrame, dense: float = DENSE) -> pd.DataFrame:
+    """Adds a 'flag' column (dead / dense / empty) after 'latent' from the density and label columns."""
+    df = df.copy()
+    dens = df["density"] if "density" in df else pd.Series([None] * len(df), index=df.index)
+    labs = df["label"] if "label" in df else pd.Series([None] * len(df), index=df.index)
+    flags = [badge(d, lab, dense) for d, lab in zip(dens, labs, strict=True)]
+    at = list(df.columns).index("latent") + 1 if "latent" in df else 0
+    df.insert(at, "flag", flags)
+    return df
 
 
 # --------------------------------------------------------------------------------------------- latent page

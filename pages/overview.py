@@ -25,37 +25,70 @@ cols[4].metric("Meta-SAE explains",
                "—" if found["meta_var_explained"] is None else f"{found['meta_var_explained']:.0%}",
                help="variance of the decoder rows the meta-SAE explains, 1 − FVU (paper: about half)")
 
+notes = views.paper_notes(atlas)
+example = views.showcase(atlas, "person") or views.showcase(atlas)
+
+
+def note(key: str) -> None:
+    """The plain sentence saying how this atlas differs from the paper on one number (when it does)."""
+    if notes.get(key):
+        st.caption(notes[key])
+
+
 left, right = st.columns(2)
 with left, st.container(border=True):
     st.subheader("1 · Bigger SAEs do not just refine smaller ones")
-    nf = found["novel_frac_mean"]
+    nf, func, live = found["novel_frac_mean"], found["novel_functional"], found["novel_cos_live"]
+    base = found["seed_baseline"] or {}
+    if func is not None:
+        head = (f"**{func:.0%}** of the live latents on average here are novel by the paper's test — inserting one "
+                "into the next smaller SAE lowers its MSE"
+                + (f" (cosine proxy: {live:.0%} of live latents have no smaller latent within max decoder cosine "
+                   f"{found['threshold']:g})" if live is not None else ""))
+    else:
+        head = ("novel latents — no latent of the next smaller SAE points the same way (max decoder cosine < "
+                f"{found['threshold']:g})" + (f": **{nf:.0%}** of them on average here" if nf is not None else ""))
     st.markdown(
-        f"Each larger SAE of the ladder holds **novel** latents — no latent of the next smaller SAE points the "
-        f"same way (max decoder cosine < {found['threshold']:g}) — "
-        + (f"**{nf:.0%}** of them on average here" if nf is not None else "")
-        + " (the paper finds ~35% on GPT-2). The rest are **reconstruction** latents that re-cut old ones. "
-          "Adding the novel latents and swapping the groups one at a time walks from the small SAE to the large "
-          "one (the paths on the MSE-vs-L0 plane below; in the paper they are smooth, so the SAEs met on the way "
-          "are as good as the rungs): there is no single right width, so no canonical set of units.")
+        f"Each larger SAE of the ladder holds **novel** latents: {head}. "
+        + (f"Same-width baseline: two seeds of width {base.get('width')} leave "
+           f"**{float(base['mismatch_frac']):.0%}** of live latents unmatched. "
+           if views.number(base.get("mismatch_frac")) is not None else "")
+        + "The rest are **reconstruction** latents that re-cut old ones. Adding the novel latents and swapping the "
+          "groups one at a time walks from the small SAE to the large one (the paths on the MSE-vs-L0 plane "
+          "below): there is no single right width, so no canonical set of units.")
+    note("novel")
+    note("paths")
     ui.page_link("stitching", "Explore a stitching pair", icon=":material/call_merge:")
 with right, st.container(border=True):
     st.subheader("2 · Latents are not atomic")
     ve, terms = found["meta_var_explained"], found["meta_terms"]
+    held = found["meta_heldout_explained"]
     st.markdown(
         f"A meta-SAE with {views.fmt(found['meta_width'])} meta-latents (k = {found['meta_k']}) is trained on "
         f"the decoder rows of the SAEs. "
-        + (f"It explains **{ve:.0%}** of their variance" if ve is not None else "It explains much of their variance")
+        + (f"It explains **{held:.0%}** of the variance of held-out rows"
+           + (f" ({found['meta_train_explained']:.0%} of its training rows)"
+              if found["meta_train_explained"] is not None else "")
+           if held is not None else
+           f"It explains **{ve:.0%}** of their variance" if ve is not None else "It explains much of their variance")
         + (f" with about {terms:.1f} meta-latents per latent" if terms else "")
         + ": each latent is a composition of more basic directions (the paper's Einstein latent = science + "
-          "prominent figures + German + …). "
-        + (f"Sharing a meta-latent agrees with sharing a stitching group for {found['meta_overlap']:.1%} of pairs."
+          "prominent figures + German + …)."
+        + (f" Trained twice with other seeds, {found['meta_seed_stability']:.0%} of its meta-latents recur."
+           if found["meta_seed_stability"] is not None else "")
+        + (f" Sharing a meta-latent agrees with sharing a stitching group for {found['meta_overlap']:.1%} of pairs."
            if found["meta_overlap"] is not None else ""))
-    ui.page_link("latent", "Open a latent and its decomposition", icon=":material/scatter_plot:")
+    note("meta")
+    note("overlap")
+    if example:
+        ui.page_link("latent", f"Open {views.latent_name(example['width'], example['latent'], example.get('label'))}"
+                     " and its decomposition", {"width": example["width"], "latent": example["latent"]},
+                     icon=":material/scatter_plot:", help=example.get("why"))
 
 st.subheader("The ladder")
 with ui.guard():
     ladder = views.ladder_table(atlas)
-    st.dataframe(ladder, hide_index=True, column_config={
+    ui.table(ladder, "ladder", column_config={
         "width": st.column_config.NumberColumn("width", format="%d"),
         "latents": st.column_config.NumberColumn("latents", format="%d"),
         "l0": st.column_config.NumberColumn("L0", format="%.2f"),
@@ -67,8 +100,19 @@ with ui.guard():
     })
     st.plotly_chart(plots.ladder_figure(ladder, views.curves(atlas)), key="ladder")
 
+st.subheader("Dead, rare and dense latents")
+with ui.guard():
+    st.caption(f"Dead: never fired on the statistics tokens · rare: density below {views.RARE:g} · dense: density "
+               f"above {views.DENSE:g} · always-on share: the share of active slots taken by latents firing on more "
+               "than half of all tokens. Pages mark dead and dense latents with a badge.")
+    ui.table(views.latent_counts(atlas), "latent_counts", column_config={
+        "width": st.column_config.NumberColumn("width", format="%d"),
+        "always_on_share": st.column_config.NumberColumn("always-on share", format="%.3f")})
+
 c1, c2 = st.columns(2)
 with c1, ui.guard():
-    st.plotly_chart(plots.novel_fraction_figure(views.pair_summaries(atlas)), key="novel")
+    st.plotly_chart(plots.novel_fraction_figure(views.pair_summaries(atlas),
+                                                seed_mismatch=views.number((found["seed_baseline"] or {})
+                                                                         .get("mismatch_frac"))), key="novel")
 with c2, ui.guard():
     st.plotly_chart(plots.max_cos_figure(views.max_cos(atlas), float(found["threshold"] or 0.7)), key="maxcos")

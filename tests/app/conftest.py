@@ -46,3 +46,27 @@ def run_page(monkeypatch: pytest.MonkeyPatch) -> Callable[..., AppTest]:
         return at
 
     return run
+
+
+@pytest.fixture(scope="session")
+def old_manifest_atlas(synthetic_atlas: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy without the manifest fields later builds add (showcase, seed baseline, functional novel fraction,
+    held-out FVU, latent counts): an atlas written before them must still open."""
+    import json
+
+    from metasae.atlas import MANIFEST, write_manifest
+
+    out = tmp_path_factory.mktemp("old") / "old"
+    shutil.copytree(synthetic_atlas, out)
+    m = json.loads((out / MANIFEST).read_text())
+    m.pop("showcase")
+    m["stitching"].pop("seed_baseline")
+    for p in m["stitching"]["pairs"]:
+        for k in ("novel_frac_functional", "novel_frac_cos_live", "n_live_large", "monotone_frac"):
+            p.pop(k)
+    for s in m["saes"]:
+        for k in ("n_dead", "n_rare", "n_dense", "always_on_share"):
+            s.pop(k)
+    m["meta_sae"] = {k: v for k, v in m["meta_sae"].items() if k in ("path", "width", "k", "fvu")}
+    write_manifest(out, m)
+    return out

@@ -154,6 +154,22 @@ def test_show_token_and_html_escaping():
     assert views.fmt(None) == "—" and views.fmt(1234) == "1,234" and views.fmt(-0.000439, 3) == "-4.4e-04"
 
 
+def test_paper_notes_and_counts_read_old_and_new_manifests(atlas, old_manifest_atlas):
+    notes = views.paper_notes(atlas)
+    assert set(notes) == {"novel", "meta", "overlap"}  # the synthetic paths fall smoothly: no "paths" note
+    old = Atlas.open(old_manifest_atlas)
+    assert views.showcase(old) is None and views.showcase(atlas)["latent"] == 7
+    assert views.showcase(atlas, "science") == {**views.showcase(atlas, "science"), "width": 64, "latent": 2}
+    assert views.latent_counts(old).equals(views.latent_counts(atlas).assign(
+        always_on_share=views.latent_counts(old)["always_on_share"]))
+    assert set(views.paper_notes(old)) == {"paths"}  # no functional fraction: the cosine proxy is near 35%
+    # a path climbing above both its ends is said so, with the factor
+    bumpy = {(1, 2): pd.DataFrame({"mse": [10.0, 30.0, 8.0, 9.0]})}
+    assert views.path_shape(bumpy) == {"monotone_frac": pytest.approx(1 / 3), "peak_over_ends": pytest.approx(3.0)}
+    assert [views.badge(0.0), views.badge(0.3), views.badge(0.05), views.badge(0.05, DEAD_LABEL)] == [
+        "dead", "dense", "", "dead"]
+
+
 def test_overview_data(atlas):
     ladder = views.ladder_table(atlas)
     assert list(ladder.columns) == ["width", "latents", "l0", "mse", "fvu", "ce_loss", "ce_delta"]
@@ -292,8 +308,15 @@ def test_get_backend_reports_why(monkeypatch):
 def test_figures(atlas):
     ladder = views.ladder_table(atlas)
     f = plots.ladder_figure(ladder, views.curves(atlas))
-    assert isinstance(f, go.Figure) and [t.name for t in f.data] == ["stitch 64→128", "stitch 128→256", "SAEs"]
-    assert len(plots.novel_fraction_figure(views.pair_summaries(atlas)).data) == 1
+    assert isinstance(f, go.Figure)
+    assert [t.name for t in f.data] == ["stitch 64→128", "SAEs", "stitch 128→256", "SAEs"]
+    # one panel per pair; its rungs are labelled on opposite sides, so the labels cannot overlap
+    rungs = [t for t in f.data if t.name == "SAEs"]
+    assert [list(t.text) for t in rungs] == [["64", "128"], ["128", "256"]]
+    assert all(list(t.textposition) == ["middle left", "middle right"] for t in rungs)
+    assert f.layout.yaxis.type == "log" and f.layout.xaxis2.anchor == "y2"
+    assert [t.name for t in plots.novel_fraction_figure(views.pair_summaries(atlas)).data] == [
+        "cosine proxy, all latents", "cosine proxy, live latents", "functional (insertion lowers MSE)"]
     assert len(plots.max_cos_figure(views.max_cos(atlas), 0.7).data) == 2
     row = atlas.latent(128, 7)
     h = plots.histogram_figure(row["hist_counts"], row["hist_edges"])

@@ -24,6 +24,58 @@ def test_overview_tells_the_two_findings(synthetic_atlas, run_page):
     assert not at.error
 
 
+def test_overview_says_where_the_atlas_differs_from_the_paper(synthetic_atlas, run_page):
+    """Issue 11.6: each headline number that differs from the paper gets a sentence drawn from the atlas."""
+    import json
+
+    m = json.loads((synthetic_atlas / "manifest.json").read_text())
+    pairs = m["stitching"]["pairs"]
+    func = sum(p["novel_frac_functional"] for p in pairs) / len(pairs)
+    live = sum(p["novel_frac_cos_live"] for p in pairs) / len(pairs)
+    base = m["stitching"]["seed_baseline"]
+    text = texts(run_page(synthetic_atlas))
+    assert f"**{func:.0%}** of the live latents on average here are novel by the paper's test" in text
+    assert (f"The paper finds ~35% novel on GPT-2; here {func:.0%} by the paper's functional test (inserting the "
+            f"latent lowers the smaller SAE's MSE) and {live:.0%} of live latents by the cosine proxy, while two "
+            f"training seeds of the same width {base['width']} already leave {base['mismatch_frac']:.0%}") in text
+    held = 1 - m["meta_sae"]["heldout_fvu"]
+    assert (f"The paper's meta-SAE explains about half of the variance; this one explains {held:.0%} of held-out "
+            f"decoder rows (a meta-SAE on random rows: {1 - m['meta_sae']['random_heldout_fvu']:.0%})") in text
+    assert "on this atlas it is not measurable" in text  # overlap: null
+    assert f"{m['meta_sae']['seed_stability']:.0%} of its meta-latents recur" in text
+
+
+def test_overview_example_opens_the_showcase_latent_and_counts_latents(synthetic_atlas, run_page):
+    """Issue 11.8 and 11.2: the example link is the manifest's showcase latent; dead/rare/dense per width."""
+    at = run_page(synthetic_atlas)
+    lk = [x for x in links(at) if x[1].startswith("Open ")]
+    assert lk == [("latent", "Open 128/7 · Albert Einstein physicist and its decomposition", "width=128&latent=7")]
+    counts = at.dataframe[1].value
+    assert list(counts["width"]) == [64, 128, 256]
+    assert list(counts["dead"]) == [1, 1, 1] and list(counts["dense"]) == [2, 2, 2]
+    assert counts["always_on_share"].between(0, 1).all()
+
+
+def test_overview_of_an_atlas_without_the_new_fields(old_manifest_atlas, run_page):
+    """Older atlases still open: no example link, counts computed from the density column, old wording."""
+    at = run_page(old_manifest_atlas)
+    assert not at.error and not [x for x in links(at) if x[1].startswith("Open ")]
+    counts = at.dataframe[1].value
+    assert list(counts["dead"]) == [1, 1, 1] and list(counts["dense"]) == [2, 2, 2]
+    text = texts(at)
+    assert "by the paper's test" not in text and "of them on average here" in text
+    assert "two training seeds" not in text and "Same-width baseline" not in text
+
+
+def test_streamlit_config_hides_the_deploy_menu():
+    from pathlib import Path
+
+    import tomllib
+
+    cfg = tomllib.loads((Path(__file__).resolve().parents[2] / ".streamlit" / "config.toml").read_text())
+    assert cfg["client"]["toolbarMode"] == "viewer"
+
+
 def test_latent_deep_link_shows_label_decomposition_family(synthetic_atlas, run_page):
     at = run_page(synthetic_atlas, "latent", width=str(EINSTEIN["width"]), latent=str(EINSTEIN["latent"]))
     assert at.title[0].value == "Latent 128/7"
