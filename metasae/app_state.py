@@ -172,14 +172,30 @@ def short(text: Any, n: int = 60) -> str:
     return s if len(s) <= n else s[: n - 1] + "…"
 
 
+MAX_INT_DIGITS = 18  # beyond any width or latent id; longer whole numbers are reported as out of range
+
+
 def parse_int(value: str | None, name: str) -> int | None:
     """An integer URL parameter (None when absent or empty)."""
     if value is None or str(value).strip() == "":
         return None
     s = str(value).strip()
-    if not re.fullmatch(r"[+-]?\d{1,12}", s):
+    if not re.fullmatch(r"[+-]?\d+", s):
         raise BadInput(f"{name} {short(s)!r} in the URL is not a whole number.")
+    if len(s.lstrip("+-")) > MAX_INT_DIGITS:
+        raise BadInput(f"{name} {short(s)} in the URL is out of range (a whole number of {len(s.lstrip('+-'))} "
+                       f"digits; this atlas's ids have at most {MAX_INT_DIGITS}).")
     return int(s)
+
+
+def cut_text(text: str | None, limit: int = MAX_TEXT_CHARS) -> tuple[str, str | None]:
+    """(text to use, what was cut or None): text longer than ``limit`` characters keeps its first ``limit``."""
+    t = "" if text is None else str(text)
+    if len(t) <= limit:
+        return t, None
+    return t[:limit], (f"The text has {len(t):,} characters; the limit is {limit:,}, so only the first {limit:,} "
+                       f"are used (cut after …{short(t[max(0, limit - 40):limit], 40)!r}; "
+                       f"{len(t) - limit:,} characters dropped).")
 
 
 def parse_float(value: str | None, name: str) -> float | None:

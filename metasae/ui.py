@@ -94,6 +94,13 @@ def decoder(key: str, width: int, _atlas: Atlas) -> Any:
     return views.load_decoder(_atlas, width)
 
 
+@st.cache_resource(show_spinner=False, max_entries=16)
+def densities(key: str, width: int, _atlas: Atlas) -> pd.Series:
+    """Density of every latent of one width, indexed by latent (for dead / dense flags)."""
+    t = _atlas.latents_table(width, ["latent", "density"])
+    return pd.Series(t["density"].to_numpy(dtype=float), index=t["latent"].to_numpy())
+
+
 @st.cache_resource(show_spinner="Starting / connecting to the metasae backend …", ttl=300, max_entries=4)
 def _backend(key: str) -> tuple[Any, str | None]:
     return views.get_backend(key or None)

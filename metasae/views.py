@@ -714,14 +714,59 @@ def compare(stored: pd.DataFrame, live: pd.DataFrame) -> pd.DataFrame:
     return df.sort_values(["live", "stored"], ascending=False).reset_index(drop=True)
 
 
-def activations_table(result: dict[str, Any]) -> pd.DataFrame:
-    """Backend ``activations`` answer as rows (position, token, rank, latent, activation, label)."""
+LIVE_TOP_K = 64  # latents asked per token: all that fire for a k=32 TopK SAE, so filtering still leaves a top 5
+
+
+def activations_table(result: dict[str, Any], density: pd.Series | None = None) -> pd.DataFrame:
+    """Backend ``activations`` answer as rows (position, token, rank, latent, flag, activation, label, density);
+    ``density`` (indexed by latent) fills the density and the dead/dense flag."""
     rows = []
     for pos, (tok, top) in enumerate(zip(result.get("tokens") or [], result.get("top") or [], strict=False)):
         for rank, item in enumerate(top or []):
             rows.append({"position": pos, "token": show_token(tok), "rank": rank, "latent": int(item["latent"]),
                          "activation": float(item["activation"]), "label": show_token(item.get("label"))})
-    return pd.DataFrame(rows, columns=["position", "token", "rank", "latent", "activation", "label"])
+    df = pd.DataFrame(rows, columns=["position", "token", "rank", "latent", "activation", "label"])
+    df["density"] = (df["latent"].map(density) if density is not None else pd.Series(np.nan, index=df.index)
+                     ).astype(float)
+    return with_badges(df)
+
+
+@dataclass
+class LiveTokens:
+    table: pd.DataFrame  # the rows shown: top latents per token after the filters
+    hidden: str | None  # what the filters took out, in words
+
+
+def live_top(acts: pd.DataFrame, dense: float | None = DENSE, hide_first: bool = True, top: int = 5) -> LiveTokens:
+    """Per token, its ``top`` strongest latents after hiding dense latents (density above ``dense``; None keeps
+    them) and the first token (an attention sink on which thousands of latents fire)."""
+    keep = pd.Series(True, index=acts.index)
+    parts = []
+    if dense is not None:
+        is_dense = acts["density"].fillna(0) > dense
+        keep &= ~is_dense
+        n_lat = acts.loc[is_dense, "latent"].nunique()
+        if n_lat:
+            parts.append(f"{n_lat} dense latent{'s' if n_lat != 1 else ''} (density above {dense:g}; "
+                         f"{int(is_dense.sum())} activations)")
+    if hide_first and len(acts) and (acts["position"] == 0).any():
+        keep &= acts["position"] != 0
+        parts.append(f"the first token ({show_token(acts.loc[acts['position'] == 0, 'token'].iloc[0])!r}, "
+                     "where the model parks attention and many latents fire)")
+    out = acts[keep].sort_values(["position", "activation"], ascending=[True, False])
+    out = out.groupby("position", sort=True).head(top).copy()
+    out["rank"] = out.groupby("position").cumcount()
+    return LiveTokens(out.reset_index(drop=True), ("Hidden: " + " and ".join(parts) + ".") if parts else None)
+
+
+def latent_over_text(result: dict[str, Any], latent: int) -> pd.DataFrame:
+    """How much one latent fires on every token of a backend ``activations`` answer (0 where it is not among
+    the token's returned latents): DataFrame[position, token, activation]."""
+    rows = []
+    for pos, (tok, top) in enumerate(zip(result.get("tokens") or [], result.get("top") or [], strict=False)):
+        a = next((float(x["activation"]) for x in top or [] if int(x["latent"]) == int(latent)), 0.0)
+        rows.append({"position": pos, "token": tok, "activation": a})
+    return pd.DataFrame(rows, columns=["position", "token", "activation"])
 
 
 # --------------------------------------------------------------------------------------------- backend

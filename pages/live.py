@@ -60,7 +60,8 @@ with ui.guard():
 
 st.header("Text → latents, per token")
 st.caption("Runs the language model and one SAE of the ladder on your text, through the metasae backend.")
-text = (ui.param("text") or "")[: app_state.MAX_TEXT_CHARS]
+LIMIT = app_state.MAX_TEXT_CHARS
+text, cut_note = app_state.cut_text(ui.param("text"), LIMIT)
 try:
     twidth = app_state.parse_int(ui.param("tw"), "Width")
     twidth = atlas.widths[0] if twidth is None else app_state.check_width(atlas, twidth)
@@ -69,21 +70,80 @@ except app_state.BadInput as e:
     twidth = atlas.widths[0]
 c1, c2 = st.columns([4, 1])
 ui.bind("lv_text", text)
-c1.text_area("Text", key="lv_text", height=90, max_chars=app_state.MAX_TEXT_CHARS,
+# no max_chars: a browser refuses a paste longer than the box allows and leaves it empty; the text is cut here,
+# and the page says so
+c1.text_area(f"Text (up to {LIMIT:,} characters)", key="lv_text", height=90,
              placeholder="Albert Einstein was a German-born theoretical physicist.",
              on_change=ui.to_url("lv_text", "text", default=""))
+if cut_note:
+    st.warning(cut_note)
 ui.bind("lv_tw", twidth)
 c2.selectbox("SAE width", atlas.widths, key="lv_tw", on_change=ui.to_url("lv_tw", "tw", default=atlas.widths[0]))
+
+MODES = {"top": "Top latents per token", "one": "One latent over the text"}
+tmode = ui.param("tmode") if ui.param("tmode") in MODES else "top"
+f1, f2, f3 = st.columns([2, 2, 3])
+ui.bind("lv_tmode", tmode)
+f1.segmented_control("Show", list(MODES), key="lv_tmode", format_func=MODES.get, required=True,
+                     on_change=ui.to_url("lv_tmode", "tmode", default="top"))
+try:
+    dense_max = app_state.parse_float(ui.param("dmax"), "Dense threshold")
+    dense_max = views.DENSE if dense_max is None else min(max(dense_max, 0.0), 1.0)
+except app_state.BadInput as e:
+    st.error(str(e))
+    dense_max = views.DENSE
+show_dense, show_first = ui.param("dense") == "1", ui.param("first") == "1"
+if tmode == "top":
+    ui.bind("lv_hide_dense", not show_dense)
+    f2.toggle("Hide dense latents", key="lv_hide_dense", help="latents that fire on more tokens than the threshold "
+              "(always-on latents crowd every token's top 5)",
+              on_change=ui.to_url("lv_hide_dense", "dense", encode=lambda v: "0" if v else "1", default=True))
+    ui.bind("lv_hide_first", not show_first)
+    f2.toggle("Hide the first token", key="lv_hide_first", help="the model parks attention on it; thousands of "
+              "latents fire there", on_change=ui.to_url("lv_hide_first", "first", encode=lambda v: "0" if v else "1",
+                                                        default=True))
+    ui.bind("lv_dmax", float(dense_max))
+    f3.number_input("Dense: density above", min_value=0.0, max_value=1.0, step=0.05, key="lv_dmax",
+                    disabled=show_dense, on_change=ui.to_url("lv_dmax", "dmax", encode=lambda v: f"{v:g}",
+                                                            default=views.DENSE))
+else:
+    try:
+        one = app_state.parse_int(ui.param("tl"), "Latent")
+        one = 0 if one is None else app_state.resolve_latent(atlas, str(twidth), str(one))[1]
+    except app_state.BadInput as e:
+        st.error(str(e))
+        one = 0
+    ui.bind("lv_one", one)
+    f2.number_input(f"Latent of width {twidth}", min_value=0, max_value=atlas.n_latents(int(twidth)) - 1, step=1,
+                    key="lv_one", on_change=ui.to_url("lv_one", "tl", encode=int))
+    with f3:
+        ui.latent_link(int(twidth), one, atlas.latent(int(twidth), one)["label"])
+
 if text.strip():
     backend, why = ui.backend(ctx)
     if backend is None:
         st.warning(why)
     else:
         with ui.guard():
-            result = ui.activations(ui.atlas_key(ctx), text, int(twidth), 5, backend)
-            acts = views.activations_table(result)
-            st.plotly_chart(plots.token_latent_heatmap(acts), key="heat")
-            st.dataframe(ui.with_links(acts.assign(sae_width=int(twidth))).drop(columns=["sae_width"]),
-                         hide_index=True, column_config=ui.LINK_COLUMN)
+            result = ui.activations(ui.atlas_key(ctx), text, int(twidth), views.LIVE_TOP_K, backend)
+            if tmode == "top":
+                acts = views.activations_table(result, ui.densities(ui.atlas_key(ctx), int(twidth), atlas))
+                shown = views.live_top(acts, None if show_dense else dense_max, not show_first)
+                if shown.hidden:
+                    st.caption(shown.hidden + " Use the toggles above to show them.")
+                st.plotly_chart(plots.token_latent_heatmap(shown.table), key="heat")
+                ui.table(ui.with_links(shown.table.assign(sae_width=int(twidth))).drop(columns=["sae_width"]),
+                         "live_tokens", column_config=ui.LINK_COLUMN)
+            else:
+                over = views.latent_over_text(result, one)
+                peak = float(over["activation"].max()) if len(over) else 0.0
+                n_on = int((over["activation"] > 0).sum())
+                st.markdown(f"Latent **{twidth}/{one}** fires on **{n_on}** of {len(over)} tokens"
+                            + (f" (peak {peak:.3g})." if n_on else "."))
+                st.markdown(views.example_html(list(over["token"]), list(over["activation"]), None, peak or None),
+                            unsafe_allow_html=True)
+                st.caption(f"Activations among each token's {views.LIVE_TOP_K} strongest latents (all of them for "
+                           f"an SAE with fewer than {views.LIVE_TOP_K} active per token).")
+                ui.table(over.assign(token=over["token"].map(views.show_token)), "latent_over_text")
 else:
     st.info("Type some text to see the top latents of each token.")

@@ -225,9 +225,12 @@ class FakeBackend:
         return {"status": "ready", "device": "cpu", "model": self.model}
 
     def activations(self, text: str, width: int, top_k: int = 5) -> dict:
+        """Per token: the always-on latent width-1 (density 0.6 in the synthetic atlas) first, then two others."""
         tokens = text.split()
-        return {"tokens": tokens, "top": [[{"latent": (7 * i + r) % width, "activation": 2.0 - r, "label": f"l{r}"}
-                                           for r in range(2)] for i in range(len(tokens))]}
+        self.top_k = top_k
+        return {"tokens": tokens, "top": [[{"latent": width - 1, "activation": 9.0, "label": "always on"}]
+                                          + [{"latent": (7 * i + r) % width, "activation": 2.0 - r, "label": f"l{r}"}
+                                             for r in range(2)] for i in range(len(tokens))]}
 
     def start_stitch(self, small, large, *, text=None, n_tokens=None, metrics=("mse", "ce")) -> dict:
         assert (text is None) != (n_tokens is None)  # the service takes exactly one
@@ -315,12 +318,50 @@ def test_live_text_without_backend_says_so(synthetic_atlas, run_page, backend):
     assert "Backend unavailable: test" in [w.value for w in at.warning]
 
 
-def test_live_text_through_the_backend(synthetic_atlas, run_page, backend):
-    backend(FakeBackend())
+def test_live_text_hides_dense_latents_and_the_first_token_by_default(synthetic_atlas, run_page, backend):
+    """Issue 11.2: always-on latents and token 0 no longer flood the per-token top latents; toggles bring them."""
+    fake = FakeBackend()
+    backend(fake)
     at = run_page(synthetic_atlas, "live", text="Albert Einstein was", tw="128")
     acts = at.dataframe[-1].value
-    assert list(acts["token"].unique()) == ["Albert", "Einstein", "was"] and len(acts) == 6
+    assert fake.top_k == 64  # enough latents per token that a top 5 is left after hiding dense ones
+    assert list(acts["token"].unique()) == ["Einstein", "was"] and len(acts) == 4 and 127 not in set(acts["latent"])
+    assert at.toggle(key="lv_hide_dense").value and at.toggle(key="lv_hide_first").value
+    assert "Hidden: 1 dense latent (density above 0.1; 3 activations) and the first token ('Albert'" in texts(at)
+    at = run_page(synthetic_atlas, "live", text="Albert Einstein was", tw="128", dense="1", first="1")
+    acts = at.dataframe[-1].value
+    assert len(acts) == 9 and list(acts[acts["rank"] == 0]["latent"]) == [127] * 3
+    assert set(acts.loc[acts["latent"] == 127, "flag"]) == {"dense"}
+    # a stricter threshold: latent 127 (density 0.6) is kept when only latents above 0.7 count as dense
+    at = run_page(synthetic_atlas, "live", text="Albert Einstein was", tw="128", dmax="0.7")
+    assert 127 in set(at.dataframe[-1].value["latent"]) and at.number_input(key="lv_dmax").value == 0.7
     assert at.selectbox(key="lv_tw").value == 128 and not at.error
+
+
+def test_live_one_latent_over_the_text(synthetic_atlas, run_page, backend):
+    backend(FakeBackend())
+    at = run_page(synthetic_atlas, "live", text="Albert Einstein was", tw="128", tmode="one", tl="14")
+    over = at.dataframe[-1].value
+    assert list(over["activation"]) == [0.0, 0.0, 2.0]  # 14 = 7 * 2 + 0: the top latent of "was" only
+    assert "Latent **128/14** fires on **1** of 3 tokens (peak 2)." in texts(at)
+    assert any("rgba(255,140,0,1.00)" in m.value and "was" in m.value for m in at.markdown)
+
+
+def test_live_long_text_says_what_was_cut(synthetic_atlas, run_page, backend):
+    """Issue 11.4: text over the limit is cut with a message naming the limit and how much was dropped."""
+    backend(FakeBackend())
+    at = run_page(synthetic_atlas, "live", text="word " * 20_000, tw="64")
+    assert ("The text has 100,000 characters; the limit is 4,000, so only the first 4,000 are used"
+            in at.warning[0].value) and "96,000 characters dropped" in at.warning[0].value
+    assert len(at.text_area(key="lv_text").value) == 4000 and not at.text_area(key="lv_text").max_chars
+    assert "up to 4,000 characters" in at.text_area(key="lv_text").label
+
+
+def test_a_huge_latent_id_is_out_of_range_not_malformed(synthetic_atlas, run_page):
+    at = run_page(synthetic_atlas, "latent", width="128", latent="99999999999999999999999")
+    assert "out of range" in at.error[0].value and "not a whole number" not in at.error[0].value
+    at = run_page(synthetic_atlas, "latent", width="128", latent="999999")
+    assert "Latent 999999 is not in width 128 (it has 128 latents, numbered 0 to 127)" in at.error[0].value
 
 
 @pytest.mark.parametrize("page", PAGES)
