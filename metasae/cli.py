@@ -18,13 +18,24 @@ def _str_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def _bool(text: str) -> bool:
+    """'true'/'false' (and yes/no, 1/0); anything else is an error, never silently truthy."""
+    v = text.strip().lower()
+    if v in ("true", "yes", "1", "on"):
+        return True
+    if v in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def cmd_build(a: argparse.Namespace) -> int:
     from metasae.build import BuildConfig, build
 
     overrides = {f.name: getattr(a, f.name) for f in fields(BuildConfig) if f.name != "preset"}
     cfg = BuildConfig.from_preset(a.preset, **overrides)
     work = a.work or str(default_work(a.out))
-    build(cfg, a.out, work=work, force=a.force, until=a.until, progress=not a.quiet)
+    build(cfg, a.out, work=work, force=a.force, until=a.until, progress=not a.quiet,
+          workers=a.workers or min(4, os.cpu_count() or 1))
     if a.until is None:
         print(f"atlas written to {a.out}")
     return 0
@@ -48,7 +59,9 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         if f.name == "preset":
             continue
         t = str(f.type)
-        if "list[int]" in t:
+        if t == "bool":
+            kind = _bool
+        elif "list[int]" in t:
             kind = _int_list
         elif "list[str]" in t:
             kind = _str_list
@@ -150,6 +163,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--work", help="folder for intermediate results (default ~/.cache/metasae/build/<out name>-<hash>)")
     _add_config_flags(b)
     b.add_argument("--until", help="stop after this stage")
+    b.add_argument("--workers", type=int, default=None,
+                   help="single-threaded processes for the activation pass and the ladder (default: cores, at most 4)")
     b.add_argument("--force", action="store_true", help="overwrite an existing atlas / other-settings work")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(fn=cmd_build)

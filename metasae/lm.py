@@ -243,8 +243,27 @@ class LanguageModel:
         return _next_token_losses(logits, tokens)
 
     def unembed(self) -> torch.Tensor:
-        """The unembedding matrix (d_model, vocab) in fp32 (for boosted-token statistics)."""
-        return self.model.get_output_embeddings().weight.detach().float().T
+        """The unembedding (d_model, vocab) in fp32 with the final norm's gain folded in (boosted-token statistics).
+
+        A direction d reaches the logits as (g * d) @ W_U after the final RMSNorm/LayerNorm (up to the token's
+        scale), so leaving out the gain g ranks tokens wrongly wherever g is far from uniform.
+        """
+        W_U = self.model.get_output_embeddings().weight.detach().float().T
+        norm = self.final_norm()
+        gain = getattr(norm, "weight", None) if norm is not None else None
+        return W_U * gain.detach().float()[:, None] if gain is not None else W_U
+
+    def final_norm(self) -> torch.nn.Module | None:
+        """The norm applied before the unembedding (Llama-style `model.norm`, GPT-2 `transformer.ln_f`)."""
+        for path in ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm"):
+            mod = self.model
+            for part in path.split("."):
+                mod = getattr(mod, part, None)
+                if mod is None:
+                    break
+            if mod is not None:
+                return mod
+        return None
 
     def decode_tokens(self, ids) -> list[str]:
         """Each id as its own string, as the dashboard shows tokens."""

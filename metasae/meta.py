@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -72,7 +73,7 @@ def decomposition_table(meta: Sae, saes: list[Sae], max_terms: int = 16) -> pd.D
     """One row per (sae_width, latent, meta_latent): weight, rank — every latent of every width."""
     frames = []
     for sae in saes:
-        w, i = decompose(meta, sae.W_dec.float(), max_terms)
+        w, i = decompose(meta, unit_rows(sae.W_dec), max_terms)
         lat = torch.arange(sae.width)[:, None].expand_as(w)
         rank = torch.arange(w.shape[1])[None].expand_as(w)
         keep = w > 0
@@ -90,32 +91,177 @@ def meta_fvu(meta: Sae, rows: torch.Tensor) -> float:
     return float(err / ((rows - rows.mean(0)) ** 2).sum().clamp_min(1e-12))
 
 
-def comembership_overlap(decomp: pd.DataFrame, width: int, stitch_group: np.ndarray, n_small: int) -> dict[str, float]:
-    """How far sharing a meta-latent agrees with sharing a stitching group (paper: 28.92% on GPT-2).
+def _pairs(labels: np.ndarray, members: np.ndarray, max_group: int = 2000) -> set[tuple[int, int]]:
+    """Unordered member pairs that share a label (groups over `max_group` members skipped: they would dominate)."""
+    out: set[tuple[int, int]] = set()
+    order = np.argsort(labels, kind="stable")
+    labels, members = labels[order], members[order]
+    for grp in np.split(members, np.flatnonzero(np.diff(labels)) + 1):
+        grp = np.unique(grp)
+        if 1 < len(grp) <= max_group:
+            ii, jj = np.triu_indices(len(grp), 1)
+            out.update(zip(grp[ii].tolist(), grp[jj].tolist(), strict=True))
+    return out
 
-    Pairs of large latents that share a meta-latent (M) vs pairs joined through a common small latent in the
-    stitching graph, i.e. in the same swap group (S). Reports |M∩S|/|M|, |M∩S|/|S| and the Jaccard index.
+
+MIN_STITCH_PAIRS = 100  # below this the overlap is one or two groups' accident: reported as not measurable
+
+
+def comembership_overlap(decomp: pd.DataFrame, width: int, stitch_group: np.ndarray, n_small: int) -> dict:
+    """How far the stitching structure is also meta-SAE structure (the paper: 28.92% on GPT-2, 3072 vs 49152).
+
+    S: pairs of large latents joined through a common small latent (the same swap group). M: pairs of large
+    latents that share a meta-latent. The headline is |M∩S| / |S| — of the pairs that stitching says re-cut the
+    same small latent, the share that a meta-latent also groups — next to its chance level |M| / all pairs (what
+    random pairs give). Dividing by |M| instead measures almost nothing: M has millions of pairs, S few.
+    `overlap` is None when S has fewer than MIN_STITCH_PAIRS pairs.
     """
     d = decomp[decomp.sae_width == width]
     group_large = stitch_group[n_small:]
-
-    def pairs_from(labels: np.ndarray, members: np.ndarray) -> set[tuple[int, int]]:
-        out: set[tuple[int, int]] = set()
-        order = np.argsort(labels, kind="stable")
-        labels, members = labels[order], members[order]
-        bounds = np.flatnonzero(np.diff(labels)) + 1
-        for grp in np.split(members, bounds):
-            grp = np.unique(grp)
-            if 1 < len(grp) <= 2000:  # a meta-latent with thousands of members would dominate; paper-scale guard
-                ii, jj = np.triu_indices(len(grp), 1)
-                out.update(zip(grp[ii].tolist(), grp[jj].tolist(), strict=True))
-        return out
-
-    M = pairs_from(d.meta_latent.to_numpy(), d.latent.to_numpy())
-    # groups containing at least one small latent (reconstruction groups)
+    M = _pairs(d.meta_latent.to_numpy(), d.latent.to_numpy())
     small_groups = np.unique(stitch_group[:n_small])
     in_recon = np.isin(group_large, small_groups)
-    S = pairs_from(group_large[in_recon], np.flatnonzero(in_recon))
+    S = _pairs(group_large[in_recon], np.flatnonzero(in_recon))
     inter = len(M & S)
-    return {"pairs_meta": len(M), "pairs_stitch": len(S), "overlap_of_meta": inter / max(len(M), 1),
-            "overlap_of_stitch": inter / max(len(S), 1), "jaccard": inter / max(len(M | S), 1)}
+    n = len(group_large)
+    chance = len(M) / max(n * (n - 1) / 2, 1)
+    measurable = len(S) >= MIN_STITCH_PAIRS
+    return {"pairs_meta": len(M), "pairs_stitch": len(S), "pairs_both": inter,
+            "overlap": inter / len(S) if measurable else None, "chance": chance,
+            "overlap_of_meta": inter / max(len(M), 1), "jaccard": inter / max(len(M | S), 1),
+            "min_stitch_pairs": MIN_STITCH_PAIRS}
+
+
+# --- the meta-SAE recipe: which rows, held-out split, random control, seeds --------------------------------
+
+
+def unit_rows(W_dec: torch.Tensor) -> torch.Tensor:
+    """Decoder rows scaled to unit norm (a latent's direction; the meta-SAE decomposes directions)."""
+    W = W_dec.float()
+    return W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+@dataclass
+class RowFilter:
+    """Which latents' rows train the meta-SAE: live, not rarer than `min_density`, not denser than `max_density`.
+
+    Dead and ultra-rare rows are noise the meta-SAE memorises (on the first demo atlas random unit vectors reached
+    26% "variance explained" at the same size); always-on rows are the dense component, not features.
+    """
+
+    min_density: float = 0.0
+    max_density: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_density <= self.max_density <= 1:
+            raise ValueError(f"need 0 <= min_density <= max_density <= 1, got {self.min_density}, {self.max_density}")
+
+    def keep(self, density: np.ndarray) -> np.ndarray:
+        d = np.asarray(density, dtype=np.float64)
+        return (d > 0) & (d >= self.min_density) & (d <= self.max_density)
+
+
+def select_rows(sources: list[tuple[int, torch.Tensor, np.ndarray]], row_filter: RowFilter
+                ) -> tuple[torch.Tensor, np.ndarray]:
+    """Unit rows kept by the filter from each (width, W_dec, density), and their (width, latent) keys."""
+    rows, keys = [], []
+    for width, W_dec, density in sources:
+        keep = np.flatnonzero(row_filter.keep(density))
+        rows.append(unit_rows(W_dec)[torch.as_tensor(keep)])
+        keys.append(np.stack([np.full(len(keep), width), keep], 1))
+    out, k = torch.cat(rows), np.concatenate(keys)
+    if len(out) < 2:
+        raise SaeError(f"only {len(out)} decoder rows pass the filter {row_filter}; loosen it")
+    return out, k
+
+
+@dataclass
+class Split:
+    train: torch.Tensor
+    heldout: torch.Tensor
+
+
+def split_rows(n: int, heldout: float = 0.1, seed: int = 0) -> Split:
+    """A seeded train / held-out split of n rows (held-out FVU tells generalisation from memorisation)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_out = max(1, int(round(n * heldout)))
+    return Split(train=perm[n_out:].sort().values, heldout=perm[:n_out].sort().values)
+
+
+def random_rows(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    """n random unit vectors in d dimensions: the control a meta-SAE's variance explained must beat."""
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+    return x / x.norm(dim=1, keepdim=True)
+
+
+def train_meta_job(rows: torch.Tensor, cfg: MetaConfig, seed: int, out: Path, progress: bool = False) -> None:
+    """Train one meta-SAE and save it (module-level so a worker process can run it)."""
+    from dataclasses import replace
+
+    train_meta_sae(rows, replace(cfg, seed=seed), progress=progress).save(out)
+
+
+@torch.no_grad()
+def seed_stability(metas: list[Sae], decomp: pd.DataFrame, threshold: float = 0.7) -> dict[str, float]:
+    """How far meta-SAEs of other seeds find the same meta-latents: the share of the first seed's used
+    meta-latents with a decoder-cosine partner >= threshold in each other seed (mean over seeds)."""
+    if len(metas) < 2:
+        return {"matched_frac": float("nan"), "n_seeds": len(metas)}
+    used = torch.as_tensor(np.unique(decomp.meta_latent.to_numpy()))
+    u0 = metas[0].unit_decoder()[used]
+    fracs = [float(((u0 @ m.unit_decoder().T).max(1).values >= threshold).float().mean()) for m in metas[1:]]
+    return {"matched_frac": float(np.mean(fracs)), "per_seed": fracs, "n_seeds": len(metas), "threshold": threshold}
+
+
+@torch.no_grad()
+def decomposability(meta: Sae, saes: list[Sae]) -> pd.DataFrame:
+    """Per latent: how well and how sparsely the meta-SAE explains its direction.
+
+    `decomp_fvu` = ||u - û||^2 for the unit row u (0: fully explained, 1: not at all); `decomp_terms` = active
+    meta-latents; `decomp_entropy` = entropy (nats) of the normalised meta-latent weights (0: one meta-latent).
+    A latent that is explained well by few meta-latents is composite in the sense of the decomposability
+    penalty of Levinson 2026 (arXiv 2604.03436); one the meta-SAE cannot explain is atomic relative to it.
+    """
+    frames = []
+    for sae in saes:
+        u = unit_rows(sae.W_dec)
+        a = meta.encode(u)
+        err = ((u - meta.decode(a)) ** 2).sum(1)
+        p = a / a.sum(1, keepdim=True).clamp_min(1e-12)
+        ent = -(p * torch.log(p.clamp_min(1e-12))).sum(1)
+        frames.append(pd.DataFrame({"sae_width": sae.width, "latent": np.arange(sae.width),
+                                    "decomp_fvu": err.numpy().astype(np.float32),
+                                    "decomp_terms": (a > 0).sum(1).numpy().astype(np.int16),
+                                    "decomp_entropy": ent.numpy().astype(np.float32)}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def meta_latent_table(meta: Sae, decomp: pd.DataFrame, latents: pd.DataFrame, boosted: list[list[str]],
+                      n_bins: int = 20) -> pd.DataFrame:
+    """One row per meta-latent: label from its strongest live members, members, density, top tokens, histogram."""
+    from metasae.stats import label_meta_from_members
+
+    lab = latents.set_index(["sae_width", "latent"])
+    d = decomp.join(lab[["label", "top_tokens"]], on=["sae_width", "latent"])
+    n_lat = len(latents)
+    rows = []
+    by_meta = dict(tuple(d.groupby("meta_latent")))
+    for m in range(meta.width):
+        mem = by_meta.get(m)
+        if mem is None or not len(mem):
+            rows.append({"meta_latent": m, "label": "(no members)", "n_members": 0, "density": 0.0,
+                         "top_tokens": [], "top_logits": boosted[m], "hist_counts": np.zeros(n_bins, np.int32),
+                         "hist_edges": np.linspace(0, 1, n_bins + 1).astype(np.float32)})
+            continue
+        mem = mem.sort_values("weight", ascending=False)
+        counts, edges = np.histogram(mem.weight.to_numpy(), bins=n_bins)
+        toks: dict[str, float] = {}
+        for tt, w in zip(mem.top_tokens.to_numpy()[:50], mem.weight.to_numpy()[:50], strict=True):
+            for t in list(tt)[:3]:
+                toks[t] = toks.get(t, 0.0) + float(w)
+        rows.append({"meta_latent": m, "label": label_meta_from_members(mem.label.tolist(), mem.weight.tolist()),
+                     "n_members": len(mem), "density": len(mem) / n_lat,
+                     "top_tokens": [t for t, _ in sorted(toks.items(), key=lambda p: -p[1])[:10]],
+                     "top_logits": boosted[m], "hist_counts": counts.astype(np.int32),
+                     "hist_edges": edges.astype(np.float32)})
+    return pd.DataFrame(rows)

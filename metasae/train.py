@@ -46,6 +46,81 @@ class TrainConfig:
             raise ValueError(f"n_tokens ({self.n_tokens}) must be at least one batch ({self.batch_size})")
 
 
+@dataclass
+class DensePath:
+    """The dense part of the activations, reconstructed linearly instead of by sparse latents.
+
+    x = mean + P(x - mean) + rest, with P the projector on the `V` (d, r) leading principal components. On
+    SmolLM2's layer 15 a plain BatchTopK SAE spends ~19 of its k=32 slots per token on always-on latents that
+    tile this subspace; here the sparse SAE is trained on `rest` only and the projection is carried by 2r ReLU
+    latents (+v_i and -v_i, threshold 0): relu(p) v - relu(-p) v = p v, an ordinary per-latent SAE, so the
+    saved SAE stays in sae-lens format and stitching can add or swap these latents like any other.
+    """
+
+    mean: torch.Tensor  # (d,)
+    V: torch.Tensor  # (d, r) orthonormal columns
+
+    @property
+    def r(self) -> int:
+        return int(self.V.shape[1])
+
+    @classmethod
+    def fit(cls, sample: torch.Tensor, r: int) -> DensePath:
+        """Mean and top-r principal directions of a (n, d) sample."""
+        x = sample.double()
+        mean = x.mean(0)
+        xc = x - mean
+        _, vecs = torch.linalg.eigh(xc.T @ xc / len(xc))
+        return cls(mean.float(), vecs.flip(1)[:, :r].float().contiguous())
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        """What the sparse latents must reconstruct: (x - mean) without its top-r principal components."""
+        xc = x - self.mean
+        return xc - (xc @ self.V) @ self.V.T
+
+    def compose(self, sparse: Sae) -> Sae:
+        """The SAE on raw x: the sparse latents (encoder folded through `residual`) then the 2r dense latents."""
+        if sparse.apply_b_dec_to_input:
+            sparse = sparse.folded()
+        Q = torch.eye(len(self.mean)) - self.V @ self.V.T
+        W_enc = Q @ sparse.W_enc
+        b_enc = sparse.b_enc - self.mean @ W_enc
+        V = self.V
+        W_enc = torch.cat([W_enc, V, -V], dim=1)
+        proj_bias = self.mean @ V
+        b_enc = torch.cat([b_enc, -proj_bias, proj_bias])
+        W_dec = torch.cat([sparse.W_dec, V.T, -V.T])
+        thr = sparse.threshold if sparse.threshold is not None else torch.zeros(sparse.width)
+        threshold = torch.cat([thr, torch.zeros(2 * self.r)])
+        meta = dict(sparse.metadata)
+        if self.r:
+            meta["dense_latents"] = {"first": sparse.width, "count": 2 * self.r,
+                                     "why": "linear pathway on the top principal components"}
+        return Sae(W_enc=W_enc.contiguous(), b_enc=b_enc, W_dec=W_dec.contiguous(), b_dec=sparse.b_dec + self.mean,
+                   threshold=threshold, apply_b_dec_to_input=False, hook_name=sparse.hook_name,
+                   model_name=sparse.model_name, metadata=meta)
+
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"mean": self.mean.contiguous(), "V": self.V.contiguous()}, str(tmp))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> DensePath:
+        from safetensors.torch import load_file
+
+        t = load_file(str(path))
+        return cls(t["mean"], t["V"])
+
+
+def dense_latents(sae: Sae) -> range:
+    """Indices of an SAE's dense-pathway latents (empty for SAEs trained without one, or imported)."""
+    d = sae.metadata.get("dense_latents") or {}
+    return range(int(d.get("first", sae.width)), int(d.get("first", sae.width)) + int(d.get("count", 0)))
+
+
 def _training_sae(d_in: int, width: int, cfg: TrainConfig, hook: str, model: str):
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
     from sae_lens.saes.sae import SAEMetadata
@@ -140,7 +215,8 @@ def ladder_widths(d_model: int, n: int, start_mult: int = 2) -> list[int]:
 
 def train_ladder(store, widths: Sequence[int], cfg: TrainConfig, out_dir: str | Path, hook: str, model: str,
                  eval_ctx: int = 0, progress: bool = True, log: Callable[[str], None] = print,
-                 only: Sequence[int] | None = None) -> list[Sae]:
+                 only: Sequence[int] | None = None, center_mean: bool = False, dense_pcs: int = 0,
+                 seeds: Sequence[int] | None = None, names: Sequence[str] | None = None) -> list[Sae]:
     """Train (or resume) one SAE per width on an ActivationStore; each saved to out_dir/<width> as it finishes.
 
     `only` trains just those widths (with the seeds they have in the full ladder), so separate single-threaded
@@ -150,12 +226,28 @@ def train_ladder(store, widths: Sequence[int], cfg: TrainConfig, out_dir: str | 
     out_dir.mkdir(parents=True, exist_ok=True)
     saes = []
     init_b_dec = None
+    dense = ladder_dense_path(store, cfg, out_dir, eval_ctx, dense_pcs) if center_mean or dense_pcs else None
+    seeds = list(seeds) if seeds is not None else [cfg.seed + i for i in range(len(widths))]
+    names = list(names) if names is not None else [str(w) for w in widths]
     for i, width in enumerate(tqdm(list(widths), desc="ladder", disable=not progress)):
-        path = out_dir / str(width)
+        path = out_dir / names[i]
         if only is not None and width not in only:
             continue
         if (path / "sae_weights.safetensors").is_file():
             saes.append(Sae.load(path))
+            continue
+        if dense is not None:
+            t = time.time()
+            wcfg = TrainConfig(**{**asdict(cfg), "seed": seeds[i]})
+            batches = store.provider(cfg.batch_size, seed=seeds[i], skip_ctx=eval_ctx,
+                                     max_norm_ratio=cfg.max_norm_ratio)
+            sparse = train_sae((dense.residual(b) for b in batches), store.d_model, width - 2 * dense.r, wcfg,
+                               hook=hook, model=model, init_b_dec=torch.zeros(store.d_model), progress=progress)
+            sae = dense.compose(sparse)
+            sae.save(path)
+            log(f"trained {names[i]} ({width - 2 * dense.r} sparse + {2 * dense.r} dense latents, centred on the "
+                f"data mean) in {time.time() - t:.0f}s")
+            saes.append(sae)
             continue
         if init_b_dec is None:
             # Geometric-median-like init (the mean) speeds early training; computed once, cheaply.
@@ -163,14 +255,34 @@ def train_ladder(store, widths: Sequence[int], cfg: TrainConfig, out_dir: str | 
                                         max_norm_ratio=cfg.max_norm_ratio))
             init_b_dec = first.mean(0)
         t = time.time()
-        wcfg = TrainConfig(**{**asdict(cfg), "seed": cfg.seed + i})
-        batches = store.provider(cfg.batch_size, seed=cfg.seed + i, skip_ctx=eval_ctx, max_norm_ratio=cfg.max_norm_ratio)
+        wcfg = TrainConfig(**{**asdict(cfg), "seed": seeds[i]})
+        batches = store.provider(cfg.batch_size, seed=seeds[i], skip_ctx=eval_ctx, max_norm_ratio=cfg.max_norm_ratio)
         sae = train_sae(batches, store.d_model, width,
                         wcfg, hook=hook, model=model, init_b_dec=init_b_dec, progress=progress)
         sae.save(path)
         log(f"trained width {width} in {time.time() - t:.0f}s")
         saes.append(sae)
     return saes
+
+
+def ladder_dense_path(store, cfg: TrainConfig, out_dir: Path, eval_ctx: int, r: int,
+                      n_rows: int = 262_144) -> DensePath:
+    """The ladder's shared dense pathway (fit once on training rows, saved beside the SAEs so every rung and every
+    resumed process uses the same one)."""
+    path = out_dir / "dense.safetensors"
+    if path.is_file():
+        dense = DensePath.load(path)
+        if dense.r == r:
+            return dense
+    rows, n = [], 0
+    for b in store.provider(4096, seed=cfg.seed, skip_ctx=eval_ctx, max_norm_ratio=cfg.max_norm_ratio):
+        rows.append(b)
+        n += len(b)
+        if n >= n_rows:
+            break
+    dense = DensePath.fit(torch.cat(rows), r)
+    dense.save(path)
+    return dense
 
 
 def import_ladder(specs: Sequence[str]) -> list[Sae]:

@@ -1,0 +1,80 @@
+"""The atlas's showcase latents, chosen by the build from their top tokens (never by hand), and their checks.
+
+Roles follow the paper's example ("Einstein" -> science + German + famous people): a famous person (or the
+famous-person kind), a nationality or country, a science. A latent scores by the share of its top activating
+tokens that fall in the role's word list; the best live latent of any width wins (ties: the larger width).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+
+PERSON = frozenset(["einstein", "newton", "darwin", "galileo", "kepler", "copernicus", "faraday", "maxwell", "curie", "pasteur", "freud", "edison", "tesla", "bohr", "planck", "euler", "gauss", "leibniz", "descartes", "pascal", "napoleon", "lincoln", "washington", "jefferson", "churchill", "roosevelt", "bismarck", "caesar", "lenin", "stalin", "marx", "shakespeare", "goethe", "mozart", "beethoven", "bach", "wagner", "luther", "aristotle", "plato", "socrates", "kant", "hegel", "nietzsche", "dante", "milton", "dickens", "voltaire", "rousseau", "physicist", "chemist", "statesman", "mathematician", "philosopher", "astronomer", "poet", "composer", "painter", "novelist", "dramatist", "scientist", "biologist", "inventor", "sculptor", "economist", "politician", "president", "emperor", "king", "queen"])
+NATIONALITY = frozenset(["german", "germany", "french", "france", "english", "england", "british", "britain", "italian", "italy", "spanish", "spain", "russian", "russia", "american", "america", "dutch", "netherlands", "greek", "greece", "roman", "rome", "chinese", "china", "japanese", "japan", "austrian", "austria", "swiss", "switzerland", "swedish", "sweden", "polish", "poland", "scottish", "scotland", "irish", "ireland", "indian", "india", "egyptian", "egypt", "belgian", "belgium", "danish", "denmark", "norwegian", "norway", "portuguese", "portugal", "hungarian", "hungary", "czech", "canadian", "canada", "australian", "australia", "prussian", "prussia"])
+SCIENCE = frozenset(["physics", "chemistry", "biology", "mathematics", "science", "sciences", "scientific", "astronomy", "geology", "physicist", "chemist", "biologist", "mathematician", "scientist", "scientists", "theory", "quantum", "relativity", "thermodynamics", "mechanics", "optics", "genetics", "botany", "zoology", "physiology"])
+ROLES: dict[str, frozenset[str]] = {"person": PERSON, "nationality": NATIONALITY, "science": SCIENCE}
+# what the paper's Einstein meta-latents group: scientists and statesmen
+SCIENTIST_OR_STATESMAN = frozenset(["physicist", "chemist", "statesman", "scientist", "mathematician", "astronomer", "biologist", "president", "politician", "philosopher", "inventor", "economist"])
+
+_WORD = re.compile(r"[a-z]+")
+
+
+def _words(tokens) -> list[str]:
+    out = []
+    for t in list(tokens):
+        m = _WORD.findall(str(t).lower())
+        out.append(m[0] if m else "")
+    return out
+
+
+def role_score(top_tokens, words: frozenset[str], n: int = 8) -> float:
+    """Share of the first n top tokens that are words of the role (a word piece of 3+ letters counts when a
+    role word starts with it, so "phys" matches "physics")."""
+    toks = _words(list(top_tokens)[:n])
+    if not toks:
+        return 0.0
+    hit = sum(1 for t in toks if t in words or (len(t) >= 4 and any(w.startswith(t) for w in words)))
+    return hit / len(toks)
+
+
+def choose(latents: pd.DataFrame, min_density: float = 1e-4) -> list[dict]:
+    """The best latent for each role: {role, width, latent, label, score, why}."""
+    live = latents[(latents.density >= min_density) & latents.top_tokens.map(lambda t: len(t) > 0)]
+    picks = []
+    for role, words in ROLES.items():
+        if live.empty:
+            break
+        score = live.top_tokens.map(lambda t, w=words: role_score(t, w)).to_numpy()
+        order = np.lexsort((-live.density.to_numpy(), -live.sae_width.to_numpy(), -score))
+        best = live.iloc[order[0]]
+        if score[order[0]] <= 0:
+            continue
+        toks = [str(t).strip() for t in list(best.top_tokens)[:8]]
+        picks.append({"role": role, "width": int(best.sae_width), "latent": int(best.latent),
+                      "label": str(best.label), "score": float(score[order[0]]),
+                      "why": f"{score[order[0]]:.0%} of its top tokens are {role} words: {', '.join(toks)}"})
+    return picks
+
+
+def check(pick: dict, decomps: list[pd.DataFrame], latents: pd.DataFrame) -> dict:
+    """For each meta-SAE seed: the pick's meta-latents and their members that are scientists/statesmen or German.
+
+    Adds `seeds`: per seed, the best count of scientist/statesman members of one of its meta-latents and whether
+    one of its meta-latents has a member with Germany/German among its top tokens.
+    """
+    top = latents.set_index(["sae_width", "latent"]).top_tokens
+    out = []
+    for d in decomps:
+        mine = d[(d.sae_width == pick["width"]) & (d.latent == pick["latent"])].sort_values("rank")
+        best_sci, german = 0, False
+        for m in mine.meta_latent.tolist():
+            members = d[(d.meta_latent == m) & ~((d.sae_width == pick["width"]) & (d.latent == pick["latent"]))]
+            words = [set(_words(top.get((w, j), [])[:8])) for w, j in zip(members.sae_width, members.latent,
+                                                                          strict=True)]
+            best_sci = max(best_sci, sum(1 for ws in words if ws & SCIENTIST_OR_STATESMAN))
+            german = german or any(ws & {"german", "germany"} for ws in words)
+        out.append({"meta_latents": mine.meta_latent.tolist(), "scientist_members": best_sci, "german_member": german})
+    return {**pick, "seeds": out}
