@@ -186,10 +186,13 @@ def radial_figure(graph: RadialGraph) -> go.Figure:
             hover = [f"meta-latent {int(m)}: {show_token(lab)}<br>weight {w:.3f}<br>click to open"
                      for m, lab, w in zip(sub["meta_latent"], sub["label"], sub["weight"], strict=True)]
         else:
-            text = [f"{int(w)}/{int(i)}" for w, i in zip(sub["sae_width"], sub["latent"], strict=True)]
-            hover = [f"latent {int(w)}/{int(i)}: {show_token(lab)}" + ("" if kind == "center" else
-                     f"<br>weight {wt:.3f}<br>click to open")
-                     for w, i, lab, wt in zip(sub["sae_width"], sub["latent"], sub["label"], sub["weight"], strict=True)]
+            flags = sub["flag"] if "flag" in sub else pd.Series([""] * len(sub), index=sub.index)
+            text = [f"{int(w)}/{int(i)}" + (f" [{f}]" if f else "")
+                    for w, i, f in zip(sub["sae_width"], sub["latent"], flags, strict=True)]
+            hover = [f"latent {int(w)}/{int(i)}: {show_token(lab)}" + (f" ({f})" if f else "")
+                     + ("" if kind == "center" else f"<br>weight {wt:.3f}<br>click to open")
+                     for w, i, lab, wt, f in zip(sub["sae_width"], sub["latent"], sub["label"], sub["weight"], flags,
+                                                 strict=True)]
         fig.add_trace(go.Scatter(
             x=sub["x"], y=sub["y"], mode="markers+text", name=name, text=text,
             textposition="bottom center" if kind != "center" else "top center",

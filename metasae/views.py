@@ -491,6 +491,9 @@ def radial_graph(atlas: Atlas, width: int, latent: int, n_meta: int = 5, n_each:
             nodes.append({"kind": "latent", "sae_width": key[0], "latent": key[1], "meta_latent": None,
                           "label": r.label, "weight": float(r.weight), "x": 2.1 * math.cos(a),
                           "y": 2.1 * math.sin(a), "parent": nid})
+    for node in nodes:  # dead / dense badges for the latent nodes
+        node["flag"] = "" if node["kind"] == "meta" else badge(
+            atlas.latent(int(node["sae_width"]), int(node["latent"])).get("density"), node["label"])
     parent = {i: n["parent"] for i, n in enumerate(nodes)}
     for nid, members in member_sets:
         weights = dict(zip(zip(members["sae_width"].astype(int), members["latent"].astype(int), strict=True),
@@ -829,3 +832,35 @@ def fresh_stitch(atlas: Atlas, small: int, large: int, result: dict[str, Any]) -
     if "kind" in table:
         agree = float((table["kind"] == table["stored_kind"]).mean())
     return FreshStitch(curve, table, result.get("n_tokens"), corr, agree)
+
+
+def fresh_differences(atlas: Atlas, small: int, large: int, result: dict[str, Any],
+                      request: dict[str, Any] | None = None) -> list[str]:
+    """Why a fresh evaluation's numbers differ from the stored ones, in words: other tokens, other filtering."""
+    stored = {}
+    for p in _section(atlas, "stitching").get("pairs") or []:
+        if isinstance(p, dict) and p.get("small") == small and p.get("large") == large:
+            stored = p
+    cfg = (atlas.manifest.get("build") or {}).get("config") or {}
+    req = request or {}
+    n, n_ce = result.get("n_tokens"), result.get("n_ce_tokens")
+    out = []
+    if "text" in req:
+        what = "your text"
+    else:
+        what = f"{fmt(req.get('n_tokens'))} tokens of the atlas's corpus (sample seed {req.get('seed', 0)})"
+    out.append(f"Other tokens: the fresh numbers come from {what}; the atlas measured MSE on "
+               f"{fmt(stored.get('eval_tokens'))} held-out corpus tokens and CE on {fmt(stored.get('ce_tokens'))}. "
+               "The same tokens give the same numbers (a test holds the two paths equal); different tokens give "
+               "different ones, most of all on a few hundred tokens.")
+    ratio = result.get("max_norm_ratio")
+    sinks = result.get("n_sink_tokens")
+    if ratio is not None:
+        out.append(f"Same filtering as the atlas: position 0 of every context and {fmt(sinks)} attention-sink "
+                   f"token{'s' if sinks != 1 else ''} (norm above {ratio:g}× the median) are left out of MSE, as in "
+                   f"the build; CE uses every position after the first ({fmt(n_ce)} tokens).")
+    elif cfg.get("max_norm_ratio") is not None:
+        out.append(f"Other filtering: this evaluation kept attention-sink tokens in its MSE, which the atlas leaves "
+                   f"out (norm above {cfg['max_norm_ratio']:g}× the median); a single sink can multiply MSE many "
+                   f"times. Measured on {fmt(n)} tokens.")
+    return out

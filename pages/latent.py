@@ -1,5 +1,6 @@
 """Latent: one latent of one width — statistics, examples, meta-decomposition, radial graph and family."""
 
+import pandas as pd
 import streamlit as st
 
 from metasae import plots, ui, views
@@ -21,6 +22,11 @@ kind = row.get("kind")
 if kind:
     st.badge(kind, color="orange" if kind == "novel" else "blue",
              help=f"against width {atlas.widths[atlas.widths.index(width) - 1]}")
+flag = views.badge(row.get("density"), row.get("label"))
+if flag:
+    st.badge(flag, color="gray" if flag == "dead" else "red",
+             help="never fired on the statistics tokens" if flag == "dead" else
+             f"fires on more than {views.DENSE:g} of all tokens (always-on latents crowd every token's top list)")
 
 m = st.columns(6)
 m[0].metric("Density", views.fmt(row.get("density"), 3), help="fraction of tokens where it fires")
@@ -37,8 +43,8 @@ with left, ui.guard():
         st.info("The meta-SAE gives this latent no meta-latents.")
     else:
         st.plotly_chart(plots.decomposition_figure(dec), key="decomp")
-        st.dataframe(dec.assign(label=dec["label"].map(views.show_token)), hide_index=True,
-                     column_config={"weight": st.column_config.NumberColumn("weight", format="%.4f")})
+        ui.table(dec.assign(label=dec["label"].map(views.show_token)), f"decomposition_{width}_{latent}",
+                 column_config={"weight": st.column_config.NumberColumn("weight", format="%.4f")})
 with right, ui.guard():
     st.subheader("Activations")
     st.plotly_chart(plots.histogram_figure(row.get("hist_counts"), row.get("hist_edges")), key="hist")
@@ -65,7 +71,8 @@ with ui.guard():
         with col:
             ui.meta_link(node["meta_latent"], node["label"], extra=f" ({node['weight']:.2f})")
             for o in graph.children(nid).itertuples(index=False):
-                ui.latent_link(o.sae_width, o.latent, o.label, extra=f"  ({o.weight:.2f})")
+                ui.latent_link(o.sae_width, o.latent, o.label,
+                               extra=f"  ({o.weight:.2f})" + (f" · {o.flag}" if o.flag else ""))
 
 st.subheader("Family across the ladder")
 with ui.guard():
@@ -101,8 +108,8 @@ with ui.guard():
                 ui.latent_link(width, g, atlas.latent(width, g)["label"])
     eff = views.effects(row)
     if eff:
-        st.dataframe({"effect": [e[0] for e in eff], "value": [views.fmt(e[1], 4) for e in eff],
-                      "meaning": [e[2] for e in eff]}, hide_index=True)
+        ui.table(pd.DataFrame({"effect": [e[0] for e in eff], "value": [views.fmt(e[1], 4) for e in eff],
+                               "meaning": [e[2] for e in eff]}), f"effects_{width}_{latent}")
 
 st.subheader("Top examples")
 with ui.guard():

@@ -51,7 +51,7 @@ with ui.guard():
                     "meta-SAE, so the two disagree here. On a built atlas they agree up to float precision.")
         cmp = views.compare(stored, live)
         st.plotly_chart(plots.compare_figure(cmp, stored_name, "computed now"), key="cmp")
-        st.dataframe(cmp, hide_index=True, column_config={
+        ui.table(cmp, "live_meta_compare", column_config={
             c: st.column_config.NumberColumn(c, format="%.4f") for c in ("stored", "live", "difference")})
     else:
         st.plotly_chart(plots.decomposition_figure(live, "Meta-latents of the pasted vector"), key="livedec")

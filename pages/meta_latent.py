@@ -56,8 +56,9 @@ with ui.guard():
     members = view.members if not widths else view.members[view.members["sae_width"].isin(widths)]
     for r in members.head(8).itertuples(index=False):
         ui.latent_link(r.sae_width, r.latent, r.label, extra=f"  (weight {r.weight:.3f})")
-    table = ui.with_links(members.head(2000).assign(label=members.head(2000)["label"].map(views.show_token)))
-    st.dataframe(table, hide_index=True, column_config={
+    table = ui.with_links(views.with_badges(members.head(2000).assign(
+        label=members.head(2000)["label"].map(views.show_token))))
+    ui.table(table, f"meta_{meta}_members", column_config={
         **ui.LINK_COLUMN, "weight": st.column_config.NumberColumn("weight", format="%.4f")})
     if len(members) > 2000:
         st.caption(f"Showing the strongest 2,000 of {len(members):,} members.")

@@ -73,15 +73,22 @@ with st.expander("Filters" + (" (active)" if active else ""), expanded=active):
 for p in problems:
     st.error(p)
 
+PER_PAGE = 100
+page = url(app_state.parse_int, "page", "Page") or 1
+page = min(max(page, 1), 10_000)
+# one fixed limit for every page: the index ranks ties and lower match bands by what the limit leaves room for,
+# so asking each page for just enough would let pages overlap
+MAX_RESULTS = 5000
+limit = MAX_RESULTS + 1
 results = None
 with ui.guard():
     index = ui.search_index(ui.atlas_key(ctx), atlas)
     if mode == "text":
         out = views.text_search(index, q, widths=widths, kind=None if kind == "any" else kind,
                                 min_density=bounds["dmin"], max_density=bounds["dmax"],
-                                min_delta_mse=bounds["emin"], max_delta_mse=bounds["emax"])
+                                min_delta_mse=bounds["emin"], max_delta_mse=bounds["emax"], limit=limit)
     else:
-        out = views.meta_search(index, metas, minw, widths=widths)
+        out = views.meta_search(index, metas, minw, widths=widths, limit=limit)
     if out.warning:
         st.warning(out.warning)
     if out.message:
@@ -89,14 +96,30 @@ with ui.guard():
     results = out.results
 
 if results is not None and len(results):
-    n = len(results)
-    st.markdown(f"**{n} latent{'s' if n != 1 else ''}**" + (" (the best 100)" if n >= 100 else ""))
-    for r in results.head(10).itertuples(index=False):
+    more = min(len(results), MAX_RESULTS) > page * PER_PAGE
+    shown = results.iloc[(page - 1) * PER_PAGE: page * PER_PAGE]
+    if shown.empty:
+        st.info(f"Page {page} is past the last result ({len(results):,} latents match); showing page 1.")
+        page, shown = 1, results.iloc[:PER_PAGE]
+        more = min(len(results), MAX_RESULTS) > PER_PAGE
+    first = (page - 1) * PER_PAGE + 1
+    n = min(len(results), MAX_RESULTS)
+    st.markdown(f"**Latents {first:,}–{first + len(shown) - 1:,}** of {n:,}"
+                + (" (the best; narrow the search to see others)" if len(results) > MAX_RESULTS else ""))
+    for r in shown.head(10).itertuples(index=False):
         how = getattr(r, "match", "") or f"summed weight {r.score:.3f}"
         ui.latent_link(r.sae_width, r.latent, r.label, extra=f"  — {how}")
-    table = ui.with_links(results.assign(label=results["label"].map(views.show_token)))
-    st.dataframe(table, hide_index=True, column_config={
+    table = ui.with_links(views.with_badges(shown.assign(label=shown["label"].map(views.show_token))))
+    ui.table(table, f"search_page{page}", column_config={
         **ui.LINK_COLUMN, "score": st.column_config.NumberColumn("score", format="%.3f"),
         "density": st.column_config.NumberColumn("density", format="%.2e"),
         "delta_mse": st.column_config.NumberColumn("ΔMSE", format="%.2e"),
         "delta_ce": st.column_config.NumberColumn("ΔCE", format="%.2e")})
+    here = {k: v for k, v in st.query_params.to_dict().items() if k != "page"}
+    p1, p2, _ = st.columns([1, 1, 4])
+    with p1:
+        if page > 1:
+            ui.page_link("search", f"← Page {page - 1}", {**here, "page": page - 1 if page > 2 else None})
+    with p2:
+        if more:
+            ui.page_link("search", f"Page {page + 1} →", {**here, "page": page + 1})

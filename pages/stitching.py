@@ -50,7 +50,7 @@ with ui.guard():
     ui.bind("st_kind", kind)
     st.segmented_control("Kind", kinds, key="st_kind", required=True, on_change=ui.to_url("st_kind", "kind",
                                                                                           default="all"))
-    table = views.stitching_table(atlas, small, large, None if kind == "all" else kind)
+    table = views.with_badges(views.stitching_table(atlas, small, large, None if kind == "all" else kind))
     t1, t2 = st.columns(2)
     with t1:
         st.plotly_chart(plots.delta_scatter(table), key="dscatter")
@@ -59,8 +59,8 @@ with ui.guard():
             st.plotly_chart(plots.delta_scatter(table, "delta_ce", "delta_ce_attr", "ΔCE: exact vs attribution"),
                             key="attr")
     st.caption("Click a column header to sort; the first column opens the latent.")
-    st.dataframe(ui.with_links(table.assign(sae_width=large)).drop(columns=["sae_width"]), hide_index=True,
-                 column_config={**ui.LINK_COLUMN,
+    ui.table(ui.with_links(table.assign(sae_width=large)).drop(columns=["sae_width"]), f"stitching_{small}_{large}",
+             column_config={**ui.LINK_COLUMN,
                                 "nearest_smaller": st.column_config.NumberColumn(f"nearest in {small}", format="%d"),
                                 "nearest_smaller_cos": st.column_config.NumberColumn("cos", format="%.3f"),
                                 "group_id": st.column_config.NumberColumn("swap group", format="%d"),
@@ -89,6 +89,31 @@ if submitted:
             started = backend.start_stitch(small, large, text=text.strip() or None,
                                            n_tokens=None if text.strip() else int(n_tokens))
             st.session_state[JOB] = {"id": started["job_id"], "pair": pair_key}
+            ui.set_params(job=started["job_id"])  # the URL names the job: a reload or a shared link shows it
+
+
+def fetch_job(job_id: str) -> dict | None:
+    """The backend's record of a job named in the URL (None, with the reason shown, when it has none)."""
+    backend, why = ui.backend(ctx)
+    if backend is None:
+        st.warning(why)
+        return None
+    try:
+        return backend.job(job_id)
+    except Exception as e:  # the backend restarted (it forgets jobs) or the id is made up
+        st.warning(f"The backend has no evaluation {app_state.short(job_id, 40)!r} (finished jobs live as long as "
+                   f"the backend keeps them; a restarted backend forgets them): run it again. ({e})")
+        return None
+
+
+url_job = ui.param("job")
+if url_job and not st.session_state.get(JOB) and url_job not in st.session_state.get(RESULTS, {}):
+    state = fetch_job(url_job)
+    if state is not None:
+        if state.get("status") in ("queued", "running"):
+            st.session_state[JOB] = {"id": url_job, "pair": pair_key}
+        else:
+            st.session_state.setdefault(RESULTS, {})[url_job] = state
 
 
 @st.fragment(run_every=1.0)
@@ -112,7 +137,7 @@ def job_progress() -> None:
                 text=f"{job['pair'].split(':')[-1]}: {status} — {state.get('message', '')}")
     if status in ("done", "failed", "cancelled"):
         st.session_state.pop(JOB, None)
-        st.session_state.setdefault(RESULTS, {})[job["pair"]] = state
+        st.session_state.setdefault(RESULTS, {})[job["id"]] = state
         st.rerun(scope="app")
     elif st.button("Cancel evaluation"):
         backend.cancel(job["id"])
@@ -120,17 +145,24 @@ def job_progress() -> None:
 
 if st.session_state.get(JOB):
     job_progress()
-done = st.session_state.get(RESULTS, {}).get(pair_key)
+done = st.session_state.get(RESULTS, {}).get(url_job) if url_job else None
 if done:
     with ui.guard():
-        if done.get("status") != "done":
+        req = done.get("request") or {}
+        if req.get("small") not in (None, small) or req.get("large") not in (None, large):
+            st.info(f"The evaluation in the URL is of pair {req.get('small')} → {req.get('large')}; pick that pair "
+                    "to see it.")
+        elif done.get("status") != "done":
             st.error(f"The evaluation {done.get('status')}: {done.get('message', '')}")
         else:
-            fresh = views.fresh_stitch(atlas, small, large, done.get("result") or {})
+            result = done.get("result") or {}
+            fresh = views.fresh_stitch(atlas, small, large, result)
             st.success(f"Fresh evaluation on {views.fmt(fresh.n_tokens)} tokens: ΔMSE rank correlation with the "
                        f"atlas {views.fmt(fresh.rank_corr, 3)}, same kind for "
                        + (f"{fresh.kind_agreement:.0%}" if fresh.kind_agreement is not None else "—")
                        + " of the latents.")
+            for line in views.fresh_differences(atlas, small, large, result, req):
+                st.caption(line)
             st.plotly_chart(plots.fresh_curve_figure(curve, fresh.curve, small, large), key="fresh")
-            st.dataframe(ui.with_links(fresh.latents.assign(sae_width=large)).drop(columns=["sae_width"]),
-                         hide_index=True, column_config=ui.LINK_COLUMN)
+            ui.table(ui.with_links(fresh.latents.assign(sae_width=large)).drop(columns=["sae_width"]),
+                     f"fresh_{small}_{large}", column_config=ui.LINK_COLUMN)

@@ -172,6 +172,17 @@ def test_paper_notes_and_counts_read_old_and_new_manifests(atlas, old_manifest_a
         "dead", "dense", "", "dead"]
 
 
+def test_table_downloads_and_missing_values():
+    df = pd.DataFrame({"latent": [1, 2], "label": ["a", None], "delta_ce": [0.5, np.nan]})
+    assert views.to_csv(df).decode().splitlines() == ["latent,label,delta_ce", "1,a,0.5", "2,,"]
+    import io
+
+    back = pd.read_parquet(io.BytesIO(views.to_parquet(df)))
+    assert back["latent"].tolist() == [1, 2] and back["label"].iloc[0] == "a" and back["label"].isna().iloc[1]
+    html = views.styled(df, {"delta_ce": {"type_config": {"format": "%.3f"}}}).to_html()
+    assert "0.500" in html and html.count(views.MISSING) == 2 and "None" not in html and "nan" not in html
+
+
 def test_overview_data(atlas):
     ladder = views.ladder_table(atlas)
     assert list(ladder.columns) == ["width", "latents", "l0", "mse", "fvu", "ce_loss", "ce_delta"]

@@ -239,10 +239,12 @@ class FakeBackend:
 
     def job(self, job_id: str) -> dict:
         small, large = self.started[-1][:2]
-        result = {"n_tokens": 4096, "kind": ["novel"] * large, "delta_mse": [-1e-4] * large,
+        result = {"n_tokens": 4096, "n_ce_tokens": 4098, "n_sink_tokens": 2, "max_norm_ratio": 5.0,
+                  "kind": ["novel"] * large, "delta_mse": [-1e-4] * large,
                   "curve": [{"step": 0, "action": "start", "l0": 20.0, "mse": 0.2, "ce_loss": 3.2},
                             {"step": 1, "action": "add", "l0": 28.0, "mse": 0.16, "ce_loss": None}]}
-        return {"id": job_id, "status": "done", "progress": 1.0, "message": "done", "result": result}
+        return {"id": job_id, "status": "done", "progress": 1.0, "message": "done", "result": result,
+                "request": {"small": small, "large": large, "n_tokens": 4096, "seed": 0}}
 
     def cancel(self, job_id: str) -> dict:
         return self.job(job_id)
@@ -279,6 +281,54 @@ def test_stitching_fresh_evaluation_through_the_backend(synthetic_atlas, run_pag
     assert "Fresh evaluation on 4,096 tokens" in at.success[0].value
     fresh = at.dataframe[-1].value
     assert len(fresh) == 128 and {"kind", "stored_kind", "delta_mse", "stored_delta_mse"} <= set(fresh.columns)
+
+
+def test_fresh_evaluation_is_in_the_url_and_says_why_it_differs(synthetic_atlas, run_page, backend):
+    """Issue 11.7 and 11.1: the job is addressable by URL (a reload shows it) and the page says, in words, what
+    makes the fresh numbers differ from the stored ones."""
+    fake = FakeBackend()
+    backend(fake)
+    at = run_page(synthetic_atlas, "stitching", pair="64-128")
+    at.button[0].click().run()
+    assert at.query_params["job"] == ["job-1"] or at.query_params["job"] == "job-1"
+    # a new session (a reload, a shared link) with only the URL
+    at = run_page(synthetic_atlas, "stitching", pair="64-128", job="job-1")
+    assert "Fresh evaluation on 4,096 tokens" in at.success[0].value
+    text = texts(at)
+    assert "Other tokens: the fresh numbers come from 4,096 tokens of the atlas's corpus (sample seed 0)" in text
+    assert "position 0 of every context and 2 attention-sink tokens (norm above 5× the median)" in text
+    # a job the backend does not know (restarted) is said so
+    def forgotten(job_id):
+        raise KeyError(job_id)
+
+    fake.job = forgotten
+    at = run_page(synthetic_atlas, "stitching", pair="64-128", job="nope")
+    assert "The backend has no evaluation 'nope'" in at.warning[0].value
+
+
+def test_search_pages_past_100_results(synthetic_atlas, run_page):
+    at = run_page(synthetic_atlas, "search", q="a")
+    head = next(m.value for m in at.markdown if m.value.startswith("**Latents 1–100** of "))
+    assert int(head.split(" of ")[1].replace(",", "")) > 200
+    assert len(at.dataframe[0].value) == 100
+    nxt = [x for x in links(at) if x[1] == "Page 2 →"]
+    assert nxt == [("search", "Page 2 →", "q=a&page=2")]
+    at = run_page(synthetic_atlas, "search", q="a", page="2")
+    first = at.dataframe[0].value
+    assert any(m.value.startswith("**Latents 101–") for m in at.markdown)
+    assert [x for x in links(at) if x[1] == "← Page 1"] == [("search", "← Page 1", "q=a")]
+    page1 = run_page(synthetic_atlas, "search", q="a").dataframe[0].value
+    assert not set(zip(first["sae_width"], first["latent"])) & set(zip(page1["sae_width"], page1["latent"]))
+    assert {"dead", "dense"} & set(page1["flag"]) or "flag" in page1  # badge column in search results
+
+
+def test_tables_offer_csv_and_parquet_downloads(synthetic_atlas, run_page):
+    at = run_page(synthetic_atlas, "stitching", pair="64-128")
+    labels = [b.proto.label for b in at.get("download_button")]
+    assert labels.count("CSV") >= 1 and labels.count("Parquet") >= 1 and labels.count("CSV") == labels.count("Parquet")
+    table = at.dataframe[0].value
+    assert set(table.loc[table["latent"].isin([61, 62, 63]) | table["latent"].isin([125, 126, 127]), "flag"]) >= {
+        "dead", "dense"}
 
 
 def test_backend_for_another_model_is_refused(synthetic_atlas, run_page, backend):
