@@ -191,3 +191,10 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
     allowed = settings.allowed_hosts if settings.allowed_hosts is not None else (("*",) if settings.token else ())
     app.add_middleware(HostCheck, bound=settings.host, allowed=allowed)
     return app
+
+
+def openapi_contract(atlas: str = "data", token: bool = True) -> dict:
+    """The OpenAPI document a backend for `atlas` publishes (with a token set, or without); what
+    scripts/openapi.py writes to docs/openapi.json. Reads only the atlas's manifest, loads nothing."""
+    settings = Settings(atlas=str(atlas), token="x" if token else None).validated()
+    return create_app(settings, Resources(settings, device="cpu"), background=False).openapi()

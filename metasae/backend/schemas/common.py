@@ -14,9 +14,11 @@ StrictInt = Annotated[int, Field(strict=True)]
 NonNegInt = Annotated[int, Field(strict=True, ge=0)]
 PosInt = Annotated[int, Field(strict=True, gt=0)]
 FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
-FLOAT32_MAX = 3.4028234663852886e38
-# A vector component: a JSON number (no "1_000", no true) that float32 can hold (the meta-SAE computes in float32)
-Float32 = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
+# A vector component: a JSON number (no "1_000", no true) within +-1e9. The meta-SAE computes in float32, whose
+# squares overflow past ~1.8e19 (the fuzz found a component of 2.2e19 giving an infinite FVU); residual streams
+# stay far below (SmolLM2's attention sink, the largest seen here, is ~2.4e4).
+VECTOR_LIMIT = 1e9
+Float32 = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-VECTOR_LIMIT, le=VECTOR_LIMIT)]
 
 # Tags of the either/or bodies: pydantic puts them into error locations, the error handler takes them out again
 UNION_TAGS: set[str] = set()
