@@ -78,13 +78,56 @@ def test_existing_atlas_is_not_overwritten_without_force(tiny_atlas: Path, tmp_p
     assert (out / "mine.txt").read_text() == "keep me"
 
 
-def test_other_settings_in_same_work_folder_refused(tiny_atlas: Path, capsys) -> None:
-    work = tiny_atlas.parent / "work"
-    before = (work / "config.json").read_text()
-    code = main(["build", "--preset", "tiny", "--out", str(tiny_atlas), "--work", str(work), "--seed", "5"])
+def test_other_settings_redo_only_the_stages_they_change(tiny_atlas: Path, tmp_path: Path) -> None:
+    """A new meta-SAE setting keeps activations, ladder and statistics and replaces the (complete) atlas."""
+    import shutil
+
+    out, work = tmp_path / "atlas", tmp_path / "work"
+    shutil.copytree(tiny_atlas, out)
+    shutil.copytree(tiny_atlas.parent / "work", work)
+    kept = {p: p.stat().st_mtime_ns for p in [*(work / "saes").rglob("*.safetensors"), *(work / "acts").glob("*"),
+                                              *(work / "stats").glob("*")]}
+    old_meta = (work / "meta_sae" / "sae_weights.safetensors").read_bytes()
+    assert main(["build", "--preset", "tiny", "--out", str(out), "--work", str(work), "--quiet", "--meta-k", "2"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    assert (work / "meta_sae" / "sae_weights.safetensors").read_bytes() != old_meta
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["build"]["config"]["meta_k"] == 2 and manifest["meta_sae"]["k"] == 2
+    assert verify(out) == []
+
+
+def test_stale_stages_follow_the_pipeline() -> None:
+    from metasae.build import BuildConfig, stale_stages
+
+    base = vars(BuildConfig.from_preset("tiny"))
+    assert stale_stages(base, {**base}) == []
+    assert stale_stages(base, {**base, "meta_k": 2}) == ["meta"]
+    assert stale_stages(base, {**base, "stats_tokens": 1}) == ["stats", "meta"]
+    assert stale_stages(base, {**base, "train_tokens": 1})[0] == "ladder"
+    assert stale_stages(base, {**base, "seed": 1})[0] == "activations"
+
+
+def test_a_second_build_into_the_same_folder_is_locked_out(tmp_path: Path, capsys) -> None:
+    import fcntl
+
+    out, work = tmp_path / "atlas", tmp_path / "work"
+    work.mkdir()
+    with open(work / "build.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running build holds it
+        code = main(["build", "--preset", "tiny", "--out", str(out), "--work", str(work), "--quiet"])
     assert code == 2
-    assert "other settings" in capsys.readouterr().err
-    assert (work / "config.json").read_text() == before
+    assert "another `metasae build` is running" in capsys.readouterr().err
+    assert not out.exists() and not (work / "config.json").exists()
+
+
+def test_bool_flags_parse_false_as_false() -> None:
+    from metasae.cli import parser
+
+    a = parser().parse_args(["build", "--preset", "tiny", "--out", "x", "--center-mean", "false",
+                             "--seed-baseline", "true"])
+    assert a.center_mean is False and a.seed_baseline is True
+    with pytest.raises(SystemExit):
+        parser().parse_args(["build", "--preset", "tiny", "--out", "x", "--center-mean", "maybe"])
 
 
 def test_killed_build_resumes_bit_identical(tiny_atlas: Path, tmp_path: Path) -> None:
