@@ -159,8 +159,21 @@ def train_sae(batches: Iterator[torch.Tensor], d_in: int, width: int, cfg: Train
         logger=LoggingConfig(log_to_wandb=False), dead_feature_window=max(50, steps // 4),
         feature_sampling_window=max(50, steps // 4), n_batches_for_norm_estimate=20)
     trainer = SAETrainer(tcfg, sae, batches)
-    if not progress:
-        trainer._update_pbar = lambda *a, **k: None  # noqa: SLF001 - quiet mode for tests
+    curve: list[tuple[int, float]] = []
+    show = trainer._update_pbar  # noqa: SLF001
+
+    def record(step_output, pbar, *a, **k) -> None:
+        # FVU of the current training batch every 100 steps (scale-free, so sae-lens's input scaling drops out):
+        # how far training has converged, for the atlas's "FVU vs training tokens"
+        if trainer.n_training_steps % 100 == 0:
+            with torch.no_grad():
+                x, y = step_output.sae_in.float(), step_output.sae_out.float()
+                fvu = float(((x - y) ** 2).sum() / ((x - x.mean(0)) ** 2).sum().clamp_min(1e-12))
+            curve.append((trainer.n_training_steps * cfg.batch_size, fvu))
+        if progress:
+            show(step_output, pbar, *a, **k)
+
+    trainer._update_pbar = record  # noqa: SLF001
     trainer.fit()
     with tempfile.TemporaryDirectory() as tmp:
         trainer.sae.save_inference_model(tmp)  # BatchTopK -> JumpReLU thresholds, per-latent activations
@@ -168,6 +181,7 @@ def train_sae(batches: Iterator[torch.Tensor], d_in: int, width: int, cfg: Train
         out = Sae.load(tmp).folded()
     out.metadata.pop("source", None)
     out.metadata["training"] = asdict(cfg)
+    out.metadata["training_fvu"] = curve
     return out
 
 
