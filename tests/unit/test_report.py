@@ -37,3 +37,23 @@ def test_pair_detail_novel_among_live_and_small_effect_spearman(atlas):
     from scipy.stats import spearmanr
 
     assert d["spearman_small"] == pytest.approx(spearmanr(*zip(*pairs, strict=True)).statistic, abs=1e-9)
+
+
+def test_targets_are_read_from_the_manifest_and_judged():
+    seeds_ok = [{"scientist_members": 3, "german_member": True}] * 3
+    m = {"stitching": {"pairs": [{"novel_frac_functional": 0.30, "novel_frac_cos_live": 0.6, "monotone_frac": 0.95},
+                                 {"novel_frac_functional": 0.60, "novel_frac_cos_live": 0.5, "monotone_frac": 0.91}],
+                       "seed_baseline": {"mismatch_frac": 0.64}},
+         "saes": [{"width": 8, "always_on_share": 0.0}, {"width": 16, "always_on_share": 0.2, "stats_rare_frac": 0.1}],
+         "meta_sae": {"train_fvu": 0.5, "heldout_fvu": 0.7, "random_heldout_fvu": 0.95},
+         "showcase": [{"role": "person", "seeds": seeds_ok},
+                      {"role": "nationality", "seeds": [*seeds_ok[:2], {"scientist_members": 0, "german_member": False}]}]}
+    got = {t[0].split(":")[0].split(",")[0]: (t[2], t[3]) for t in report.targets(m)}
+    assert got["functional novel fraction of live latents"] == ("30.0% / 60.0%", False)  # 60% is above 55%
+    assert got["cosine-novel among live latents"][1] is True
+    assert got["same-width seed mismatch (smallest rung)"] == ("64.0%", True)
+    assert got["always-on latents' share of active slots"] == ("0.0% / 20.0%", False)
+    assert got["meta-SAE variance explained"] == ("50.0% / 30.0% / 5.0%", True)  # 5% * 5 <= 30%
+    assert got["person showcase"] == ("3 of 3", True)
+    assert got["nationality showcase"] == ("2 of 3", False)
+    assert got["stitching curves"][1] is True
