@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -159,6 +160,36 @@ def _eval_acts(ctx) -> torch.Tensor:
 
 def stage_stitching(ctx) -> None:
     """Every neighbouring pair: match, ΔMSE (closed form), ΔCE (attribution for all, exact for a sample), curves."""
+
+
+    cfg, work = ctx["cfg"], ctx["work"]
+    saes = _saes(ctx)
+    todo = [i for i in range(len(saes) - 1)
+            if not (work / "stitch" / f"{saes[i].width}_{saes[i + 1].width}" / "done.json").is_file()]
+    if ctx.get("workers", 1) > 1 and len(todo) > 1:
+        # pairs are independent: one single-threaded process each (each loads the model once, ~15 s)
+        run_jobs([functools.partial(stitch_pair_job, work, i, ctx["progress"]) for i in todo], ctx["workers"],
+                 costs=[saes[i].width + saes[i + 1].width for i in todo])
+        for i in todo:
+            ctx["log"](json.dumps(json.loads((work / "stitch" / f"{saes[i].width}_{saes[i + 1].width}" /
+                                              "done.json").read_text())))
+        return
+    for i in todo:
+        _stitch_pair(ctx, saes[i], saes[i + 1])
+
+
+def stitch_pair_job(work: Path, i: int, progress: bool) -> None:
+    """Stitch the ladder's pair (i, i+1) in a worker process (module-level, picklable)."""
+    from metasae.activations import ActivationStore
+
+    cfg = BuildConfig(**json.loads((work / "config.json").read_text()))
+    ctx = {"cfg": cfg, "work": work, "progress": progress, "log": print, "store": ActivationStore.open(work / "acts")}
+    saes = _saes(ctx)
+    _stitch_pair(ctx, saes[i], saes[i + 1])
+
+
+def _stitch_pair(ctx, small: Sae, large: Sae) -> None:
+    """Match, ΔMSE (closed form), ΔCE (attribution for all, exact for a sample) and the curve of one pair."""
     import numpy as np
     import pandas as pd
 
@@ -166,84 +197,80 @@ def stage_stitching(ctx) -> None:
     from metasae.atlas import write_table
 
     cfg, work = ctx["cfg"], ctx["work"]
-    saes = _saes(ctx)
-    for small, large in zip(saes[:-1], saes[1:], strict=True):
-        folder = work / "stitch" / f"{small.width}_{large.width}"
-        if (folder / "done.json").is_file():
-            continue
-        folder.mkdir(parents=True, exist_ok=True)
-        log = ctx["log"]
-        m = st.match(small, large, cfg.threshold)
-        sp = st.sparse_acts(small, large, _eval_acts(ctx))
-        d_lat = st.latent_delta_mse(small, large, sp).numpy()
-        d_grp = st.group_delta_mse(small, large, m, sp).numpy()
-        lm = _lm(ctx)
-        tokens = ctx["store"].tokens()[: min(n_eval_ctx(cfg), cfg.ce_ctx)]
-        cs = st.ce_set(lm, cfg.hook, tokens, small, large)
-        S, L = small.width, large.width
-        per_latent = torch.cat([torch.full((S,), L), torch.arange(L)])
-        ones = torch.ones(S + L)
-        attr_lat = st.delta_ce_attribution(lm, cfg.hook, cs, small, large, per_latent, ones, L + 1)[:L].numpy()
-        group_t = torch.as_tensor(m.group)
-        attr_grp = st.delta_ce_attribution(lm, cfg.hook, cs, small, large, group_t, m.signs(), m.n_groups).numpy()
-        # exact ΔCE on a sample: the latents with the largest attributed effect plus a random draw among those
-        # that fire on the CE tokens (a latent silent there has ΔCE exactly 0 both ways: a tie that says nothing)
-        rng = np.random.default_rng(cfg.seed)
-        n_ex = min(cfg.exact_ce_latents, L)
-        top = np.argsort(-np.abs(attr_lat))[: n_ex // 2]
-        rest = np.setdiff1d(np.flatnonzero(attr_lat != 0), top)
-        if len(rest) < n_ex - len(top):
-            rest = np.setdiff1d(np.arange(L), top)
-        sample = np.sort(np.concatenate([top, rng.choice(rest, n_ex - len(top), replace=False)]))
-        exact = st.delta_ce_exact(lm, cfg.hook, cs, small, large, per_latent, ones, sample.tolist(),
-                                  progress=ctx["progress"]).numpy()
-        ce_exact = np.full(L, np.nan, dtype=np.float32)
-        ce_exact[sample] = exact
-        # exact ΔCE of every swap/remove group that is small enough to matter to readers (all of them, cheaply)
-        actions = m.group_actions()
-        swap_ids = np.flatnonzero(actions != "add")
-        grp_exact = np.full(m.n_groups, np.nan, dtype=np.float32)
-        if len(swap_ids):
-            pick = swap_ids[np.argsort(-np.abs(attr_grp[swap_ids]))[: n_ex]]
-            grp_exact[pick] = st.delta_ce_exact(lm, cfg.hook, cs, small, large, group_t, m.signs(),
-                                                sorted(pick.tolist()), progress=ctx["progress"]).numpy()
-        curve = st.interpolate(small, large, m, sp, ce_fn=st.ce_fn_for(lm, cfg.hook, cs, small, large, m),
-                               progress=ctx["progress"])
-        curve.insert(0, "large_width", L)
-        curve.insert(0, "small_width", S)
-        gl = m.group_large
-        large_df = pd.DataFrame({
-            "latent": np.arange(L), "kind": m.kind, "nearest_smaller": m.nearest_small,
-            "nearest_smaller_cos": m.nearest_small_cos, "group_id": gl, "delta_mse": d_lat,
-            "delta_ce": ce_exact, "delta_ce_attr": attr_lat, "group_delta_mse": d_grp[gl],
-            "group_delta_ce": np.where(np.isnan(grp_exact[gl]), attr_grp[gl], grp_exact[gl]),
-            "group_action": actions[gl]})
-        small_df = pd.DataFrame({"latent": np.arange(S), "nearest_larger": m.nearest_large,
-                                 "nearest_larger_cos": m.nearest_large_cos, "group_id": m.group_small})
-        large_df.to_parquet(folder / "large.parquet")
-        small_df.to_parquet(folder / "small.parquet")
-        write_table(folder, "stitching", curve)
-        live = novelty.live_mask(large, _eval_acts(ctx))
-        large_df["live"] = live
-        large_df["kind_functional"] = np.where(live, np.where(d_lat < 0, "novel", "reconstruction"), None)
-        fracs = novelty.novel_fractions(d_lat, m.nearest_small_cos, live, cfg.threshold)
-        groups = curve[curve.action.isin(["add", "swap", "remove"])].mse.to_numpy()
-        start = curve[curve.action == "start"].mse.to_numpy()
-        valid = ~np.isnan(ce_exact)
-        from scipy.stats import spearmanr
+    folder = work / "stitch" / f"{small.width}_{large.width}"
+    folder.mkdir(parents=True, exist_ok=True)
+    log = ctx["log"]
+    m = st.match(small, large, cfg.threshold)
+    sp = st.sparse_acts(small, large, _eval_acts(ctx))
+    d_lat = st.latent_delta_mse(small, large, sp).numpy()
+    d_grp = st.group_delta_mse(small, large, m, sp).numpy()
+    lm = _lm(ctx)
+    tokens = ctx["store"].tokens()[: min(n_eval_ctx(cfg), cfg.ce_ctx)]
+    cs = st.ce_set(lm, cfg.hook, tokens, small, large)
+    S, L = small.width, large.width
+    per_latent = torch.cat([torch.full((S,), L), torch.arange(L)])
+    ones = torch.ones(S + L)
+    attr_lat = st.delta_ce_attribution(lm, cfg.hook, cs, small, large, per_latent, ones, L + 1)[:L].numpy()
+    group_t = torch.as_tensor(m.group)
+    attr_grp = st.delta_ce_attribution(lm, cfg.hook, cs, small, large, group_t, m.signs(), m.n_groups).numpy()
+    # exact ΔCE on a sample: the latents with the largest attributed effect plus a random draw among those
+    # that fire on the CE tokens (a latent silent there has ΔCE exactly 0 both ways: a tie that says nothing)
+    rng = np.random.default_rng(cfg.seed)
+    n_ex = min(cfg.exact_ce_latents, L)
+    top = np.argsort(-np.abs(attr_lat))[: n_ex // 2]
+    rest = np.setdiff1d(np.flatnonzero(attr_lat != 0), top)
+    if len(rest) < n_ex - len(top):
+        rest = np.setdiff1d(np.arange(L), top)
+    sample = np.sort(np.concatenate([top, rng.choice(rest, n_ex - len(top), replace=False)]))
+    exact = st.delta_ce_exact(lm, cfg.hook, cs, small, large, per_latent, ones, sample.tolist(),
+                              progress=ctx["progress"]).numpy()
+    ce_exact = np.full(L, np.nan, dtype=np.float32)
+    ce_exact[sample] = exact
+    # exact ΔCE of every swap/remove group that is small enough to matter to readers (all of them, cheaply)
+    actions = m.group_actions()
+    swap_ids = np.flatnonzero(actions != "add")
+    grp_exact = np.full(m.n_groups, np.nan, dtype=np.float32)
+    if len(swap_ids):
+        pick = swap_ids[np.argsort(-np.abs(attr_grp[swap_ids]))[: n_ex]]
+        grp_exact[pick] = st.delta_ce_exact(lm, cfg.hook, cs, small, large, group_t, m.signs(),
+                                            sorted(pick.tolist()), progress=ctx["progress"]).numpy()
+    curve = st.interpolate(small, large, m, sp, ce_fn=st.ce_fn_for(lm, cfg.hook, cs, small, large, m),
+                           progress=ctx["progress"])
+    curve.insert(0, "large_width", L)
+    curve.insert(0, "small_width", S)
+    gl = m.group_large
+    large_df = pd.DataFrame({
+        "latent": np.arange(L), "kind": m.kind, "nearest_smaller": m.nearest_small,
+        "nearest_smaller_cos": m.nearest_small_cos, "group_id": gl, "delta_mse": d_lat,
+        "delta_ce": ce_exact, "delta_ce_attr": attr_lat, "group_delta_mse": d_grp[gl],
+        "group_delta_ce": np.where(np.isnan(grp_exact[gl]), attr_grp[gl], grp_exact[gl]),
+        "group_action": actions[gl]})
+    small_df = pd.DataFrame({"latent": np.arange(S), "nearest_larger": m.nearest_large,
+                             "nearest_larger_cos": m.nearest_large_cos, "group_id": m.group_small})
+    large_df.to_parquet(folder / "large.parquet")
+    small_df.to_parquet(folder / "small.parquet")
+    write_table(folder, "stitching", curve)
+    live = novelty.live_mask(large, _eval_acts(ctx))
+    large_df["live"] = live
+    large_df["kind_functional"] = np.where(live, np.where(d_lat < 0, "novel", "reconstruction"), None)
+    fracs = novelty.novel_fractions(d_lat, m.nearest_small_cos, live, cfg.threshold)
+    groups = curve[curve.action.isin(["add", "swap", "remove"])].mse.to_numpy()
+    start = curve[curve.action == "start"].mse.to_numpy()
+    valid = ~np.isnan(ce_exact)
+    from scipy.stats import spearmanr
 
-        rho = float(spearmanr(ce_exact[valid], attr_lat[valid]).statistic) if valid.sum() > 2 else float("nan")
-        summary = {"small": S, "large": L, "novel_frac": float((m.kind == "novel").mean()),
-                   "n_groups": m.n_groups, "n_swap": int((actions == "swap").sum()),
-                   "n_add": int((actions == "add").sum()), "n_remove": int((actions == "remove").sum()),
-                   "attr_spearman": rho, "n_exact_ce": int(valid.sum()), "eval_tokens": sp.n_tokens,
-                   "ce_tokens": cs.n_tokens, **fracs,
-                   "monotone_frac": novelty.monotone_frac(np.concatenate([start, groups]))}
-        log(f"  {S}->{L}: novel (functional, live) {fracs['novel_frac_functional']:.1%}, cosine-novel among live "
-            f"{fracs['novel_frac_cos_live']:.1%}, groups {m.n_groups}, MSE does not rise in "
-            f"{summary['monotone_frac']:.1%} of steps, attribution vs exact Spearman {rho:.2f}")
-        np.save(folder / "group.npy", m.group)
-        write_json_atomic(folder / "done.json", summary)
+    rho = float(spearmanr(ce_exact[valid], attr_lat[valid]).statistic) if valid.sum() > 2 else float("nan")
+    summary = {"small": S, "large": L, "novel_frac": float((m.kind == "novel").mean()),
+               "n_groups": m.n_groups, "n_swap": int((actions == "swap").sum()),
+               "n_add": int((actions == "add").sum()), "n_remove": int((actions == "remove").sum()),
+               "attr_spearman": rho, "n_exact_ce": int(valid.sum()), "eval_tokens": sp.n_tokens,
+               "ce_tokens": cs.n_tokens, **fracs,
+               "monotone_frac": novelty.monotone_frac(np.concatenate([start, groups]))}
+    log(f"  {S}->{L}: novel (functional, live) {fracs['novel_frac_functional']:.1%}, cosine-novel among live "
+        f"{fracs['novel_frac_cos_live']:.1%}, groups {m.n_groups}, MSE does not rise in "
+        f"{summary['monotone_frac']:.1%} of steps, attribution vs exact Spearman {rho:.2f}")
+    np.save(folder / "group.npy", m.group)
+    write_json_atomic(folder / "done.json", summary)
 
 
 def stage_stats(ctx) -> None:
