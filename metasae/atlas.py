@@ -418,7 +418,7 @@ def check_weights(path: str | os.PathLike, cfg: dict[str, Any] | None = None, fi
             return [f"claims a safetensors header of {n} bytes (limit {MAX_SAFETENSORS_HEADER}): damaged or not "
                     "safetensors"]
         if n > size - 8:
-            return [f"claims a header of {n} bytes but the file has {size} bytes"]
+            return [f"claims a header of {n} bytes but only {size - 8} follow the length"]
         try:
             header = json.loads(fh.read(n).decode("utf-8"), parse_constant=_refuse_constant)
         except (UnicodeDecodeError, ValueError) as e:

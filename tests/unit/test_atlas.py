@@ -463,7 +463,7 @@ def _header(path: Path) -> tuple[int, dict]:
     ("zip", "pickle / torch.save archive"),
     ("header_2_40", "header of 1099511627776 bytes"),
     ("header_90mb", "header of 94371840 bytes"),
-    ("header_past_end", "the file has"),
+    ("header_past_end", "follow the length"),
     ("header_not_json", "not valid JSON"),
     ("truncated", "truncated or padded"),
     ("nan", "holds 1 NaN/inf values"),
