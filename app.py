@@ -54,6 +54,8 @@ def main() -> None:
     except Exception as e:  # whatever else a damaged folder or a failed download raises
         error = f"{source.spec}: cannot be opened ({type(e).__name__}: {e})"
     ui.set_context(ui.Context(sources, source, atlas, error, notes))
+    if atlas is not None:
+        ui.warm_backend(str(atlas.path), atlas)  # the model loads while the visitor reads the Overview
 
     if atlas is not None:
         facts = atlas.manifest.get("model") or {}

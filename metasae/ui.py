@@ -126,6 +126,12 @@ def activations(key: str, text: str, width: int, top_k: int, _backend: Any) -> d
     return _backend.activations(text, width, top_k=top_k)
 
 
+@st.cache_resource(show_spinner=False, max_entries=8)
+def warm_backend(key: str, _atlas: Atlas) -> bool:
+    """Once per atlas and server process: start the local backend and its model loading in the background."""
+    return views.warm_backend(_atlas)
+
+
 def atlas_key(ctx: Context) -> str:
     """Cache key of the open atlas (its folder, so two atlases never share a cache entry)."""
     return str(ctx.atlas.path) if ctx.atlas is not None else ""

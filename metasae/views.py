@@ -160,10 +160,19 @@ def overview_facts(atlas: Atlas) -> dict[str, Any]:
         "n_tokens": corpus.get("n_tokens"), "widths": atlas.widths,
         "n_latents": int(sum(atlas.n_latents(w) for w in atlas.widths)),
         "meta_width": meta.get("width", atlas.n_meta_latents), "meta_k": meta.get("k"), "meta_fvu": meta.get("fvu"),
-        "meta_terms": meta.get("terms_per_latent"), "meta_overlap": (meta.get("overlap") or {}).get("overlap_of_meta"),
+        "meta_terms": meta.get("terms_per_latent"), "meta_overlap": _overlap(meta),
         "threshold": stitch.get("threshold", 0.7),
         "synthetic": bool(m.get("synthetic")),
     }
+
+
+def _overlap(meta: dict) -> float | None:
+    """Co-membership overlap as the build reports it: of the stitching pairs, the share that also share a
+    meta-latent (None when there are too few stitching pairs to measure; older atlases: their own ratio)."""
+    ov = meta.get("overlap")
+    if not isinstance(ov, dict):
+        return None
+    return ov["overlap"] if "overlap" in ov else ov.get("overlap_of_meta")
 
 
 def ladder_table(atlas: Atlas) -> pd.DataFrame:
@@ -235,7 +244,6 @@ def findings(atlas: Atlas) -> dict[str, Any]:
     stitch = _section(atlas, "stitching")
     fvu = facts["meta_fvu"]
     heldout, train, rand = (number(meta.get(k)) for k in ("heldout_fvu", "train_fvu", "random_heldout_fvu"))
-    overlap = meta.get("overlap")
     base = stitch.get("seed_baseline") if isinstance(stitch.get("seed_baseline"), dict) else None
     return {
         "novel_frac_mean": float(nf.mean()) if len(nf) else None,
@@ -248,10 +256,11 @@ def findings(atlas: Atlas) -> dict[str, Any]:
         "meta_heldout_explained": None if heldout is None else 1.0 - heldout,
         "meta_train_explained": None if train is None else 1.0 - train,
         "meta_random_explained": None if rand is None else 1.0 - rand,
-        "meta_seed_stability": number(meta.get("seed_stability")),
+        "meta_seed_stability": number((meta.get("seed_stability") or {}).get("matched_frac")
+                                      if isinstance(meta.get("seed_stability"), dict) else meta.get("seed_stability")),
         "meta_rows": meta.get("rows") if isinstance(meta.get("rows"), dict) else None,
         "meta_width": facts["meta_width"], "meta_k": facts["meta_k"], "meta_terms": facts["meta_terms"],
-        "meta_overlap": facts["meta_overlap"], "meta_overlap_measured": "overlap" in meta and overlap is not None,
+        "meta_overlap": facts["meta_overlap"], "meta_overlap_measured": facts["meta_overlap"] is not None,
     }
 
 
@@ -789,6 +798,41 @@ def get_backend(atlas_path: str | None = None) -> tuple[Any | None, str | None]:
         return _get(atlas_path), None
     except Exception as e:  # a backend that cannot start or be reached: say why, never a traceback
         return None, f"Backend unavailable: {e}"
+
+
+WARM_ENV = "METASAE_WARM_BACKEND"  # "0": do not start the local backend when the app starts
+
+
+def warm_backend(atlas: Atlas, env: dict[str, str] | None = None) -> bool:
+    """Start the local backend for ``atlas`` in a background thread, loading the model and SAEs at once
+    (METASAE_PRELOAD), so the first Live result does not wait for them. Skipped for a remote backend
+    (METASAE_BACKEND_URL), a synthetic atlas (no model to load) or METASAE_WARM_BACKEND=0. True if started."""
+    import os
+    import threading
+
+    env = os.environ if env is None else env
+    if env.get("METASAE_BACKEND_URL") or env.get(WARM_ENV, "1") == "0" or atlas.manifest.get("synthetic"):
+        return False
+    os.environ.setdefault("METASAE_PRELOAD", "1")  # read by the backend subprocess at its start
+    threading.Thread(target=get_backend, args=(str(atlas.path),), name="metasae-warm-backend", daemon=True).start()
+    return True
+
+
+def load_progress(health: dict[str, Any], widths: list[int]) -> tuple[float, str] | None:
+    """(fraction, 'loading model 3/5 …') while the backend is still loading what text → latents needs; None
+    once the model is loaded."""
+    if "loaded" not in health:  # a backend that does not report loading: ask it directly
+        return None
+    loaded = health.get("loaded") or {}
+    if health.get("status") == "error" or loaded.get("model"):
+        return None
+    have = ["meta-SAE"] if loaded.get("meta_sae") else []
+    have += [f"SAE {w}" for w in loaded.get("saes") or []]
+    total = len(widths) + 2  # meta-SAE, every SAE, the language model (the backend's preload order)
+    now = ", ".join(health.get("loading") or []) or "waiting to start"
+    return (len(have) / total, f"Loading in the background {len(have)}/{total}: now {now}"
+            + (f" (ready: {', '.join(have)})" if have else "")
+            + ". The rest of the page works meanwhile.")
 
 
 def backend_problem(health: dict[str, Any], atlas: Atlas) -> str | None:

@@ -119,10 +119,25 @@ else:
     with f3:
         ui.latent_link(int(twidth), one, atlas.latent(int(twidth), one)["label"])
 
+@st.fragment(run_every=1.5)
+def loading(backend) -> None:
+    """Real progress while the backend loads; one full rerun once the model is in."""
+    try:
+        progress = views.load_progress(backend.health(), atlas.widths)
+    except Exception as e:  # it died meanwhile: the next run says so
+        ui.show_error(e)
+        return
+    if progress is None:
+        st.rerun(scope="app")
+    st.progress(progress[0], text=progress[1])
+
+
 if text.strip():
     backend, why = ui.backend(ctx)
     if backend is None:
         st.warning(why)
+    elif views.load_progress(backend.health(), atlas.widths) is not None:
+        loading(backend)
     else:
         with ui.guard():
             result = ui.activations(ui.atlas_key(ctx), text, int(twidth), views.LIVE_TOP_K, backend)

@@ -172,6 +172,26 @@ def test_paper_notes_and_counts_read_old_and_new_manifests(atlas, old_manifest_a
         "dead", "dense", "", "dead"]
 
 
+def test_background_loading_progress_and_warm_start(atlas, monkeypatch):
+    """Issue 11.5: real progress while the backend loads; the app starts a local backend for a real atlas."""
+    health = {"status": "loading", "loading": ["model"],
+              "loaded": {"model": False, "meta_sae": True, "saes": [64, 128]}}
+    frac, text = views.load_progress(health, [64, 128, 256])
+    assert frac == pytest.approx(3 / 5)
+    assert text.startswith("Loading in the background 3/5: now model (ready: meta-SAE, SAE 64, SAE 128)")
+    assert views.load_progress({**health, "loaded": {"model": True}}, [64]) is None
+    assert views.load_progress({"status": "ready"}, [64]) is None  # a backend that does not report loading
+    assert not views.warm_backend(atlas, env={})  # synthetic: no model to load
+    import threading
+
+    called = threading.Event()
+    monkeypatch.setattr(views, "get_backend", lambda path: called.set())
+    real = type("A", (), {"manifest": {}, "path": atlas.path})()
+    assert not views.warm_backend(real, env={"METASAE_BACKEND_URL": "http://gpu:8000"})
+    assert not views.warm_backend(real, env={"METASAE_WARM_BACKEND": "0"})
+    assert views.warm_backend(real, env={}) and called.wait(5)
+
+
 def test_table_downloads_and_missing_values():
     df = pd.DataFrame({"latent": [1, 2], "label": ["a", None], "delta_ce": [0.5, np.nan]})
     assert views.to_csv(df).decode().splitlines() == ["latent,label,delta_ce", "1,a,0.5", "2,,"]

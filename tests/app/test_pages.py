@@ -389,6 +389,21 @@ def test_live_text_hides_dense_latents_and_the_first_token_by_default(synthetic_
     assert at.selectbox(key="lv_tw").value == 128 and not at.error
 
 
+def test_live_text_while_the_backend_loads_shows_progress(synthetic_atlas, run_page, backend):
+    class Loading(FakeBackend):
+        def health(self) -> dict:
+            return {"status": "loading", "model": "synthetic", "loading": ["model"],
+                    "loaded": {"model": False, "meta_sae": True, "saes": [64]}}
+
+        def activations(self, *a, **k):
+            raise AssertionError("no request while the model loads: it would block the page")
+
+    backend(Loading())
+    at = run_page(synthetic_atlas, "live", text="Albert Einstein was", tw="128")
+    assert not at.error and not at.exception
+    assert "Loading in the background 2/5: now model" in at.get("progress")[0].proto.text
+
+
 def test_live_one_latent_over_the_text(synthetic_atlas, run_page, backend):
     backend(FakeBackend())
     at = run_page(synthetic_atlas, "live", text="Albert Einstein was", tw="128", tmode="one", tl="14")

@@ -143,7 +143,7 @@ def test_meta_latent_page(page, server):
 
 
 def test_search_link_to_latent(page, server):
-    text = open_page(page, server, "/search?q=physic", "2 latents")
+    text = open_page(page, server, "/search?q=physic", "of 2")
     assert "physics and physicists" in text
     shot(page, "search")
     page.locator("[data-testid='stPageLink'] a", has_text="Albert Einstein physicist").first.click()
@@ -180,3 +180,53 @@ def test_bad_url_shows_a_message(page, server):
     assert "Width 999 is not in this atlas (widths: 64, 128, 256)" in text
     text = open_page(page, server, "/search?q=%27%3B%20DROP%20TABLE%20latents%3B%20--", "No latent matches")
     assert "Traceback" not in text
+
+
+def _at(page, pattern: str, text: str) -> None:
+    """Wait until the address bar matches ``pattern`` and the page shows ``text``."""
+    page.wait_for_url(re.compile(pattern))
+    page.get_by_text(text).first.wait_for()
+    wait_quiet(page)
+
+
+def test_back_and_forward_walk_the_users_own_history_across_pages(page, server):
+    """Issue 11.3: latent -> meta-latent link -> search link -> Back, Back, Forward land on the views the user saw."""
+    open_page(page, server, "/latent?width=128&latent=7", "Albert Einstein physicist", charts=3)
+    page.locator("[data-testid='stPageLink'] a", has_text="meta-latent 3 · science").first.click()
+    _at(page, r"/meta_latent\?meta=3$", "Meta-latent 3")
+    open_page(page, server, "/search?q=curie", "Marie Curie chemist")
+    page.locator("[data-testid='stPageLink'] a", has_text="Marie Curie chemist").first.click()
+    _at(page, r"/latent\?width=256&latent=42$", "Latent 256/42")
+    page.go_back()
+    _at(page, r"/search\?q=curie$", "Marie Curie chemist")
+    assert "Latents 1–" in main_text(page)
+    page.go_back()
+    _at(page, r"/meta_latent\?meta=3$", "Meta-latent 3")
+    page.go_back()
+    _at(page, r"/latent\?width=128&latent=7$", "Latent 128/7")
+    page.go_forward()
+    _at(page, r"/meta_latent\?meta=3$", "Meta-latent 3")
+    assert "Latent 128/7" not in main_text(page)
+
+
+def test_sidebar_link_keeps_the_selection(page, server):
+    """Issue 11.3: the sidebar's Latent link returns to the latent the user was looking at, not latent 0."""
+    open_page(page, server, "/latent?width=256&latent=42", "Marie Curie chemist", charts=3)
+    page.locator("[data-testid='stSidebarNav'] a", has_text="Search").first.click()
+    _at(page, r"/search", "Search latents")
+    page.locator("[data-testid='stSidebarNav'] a", has_text="Latent").first.click()
+    _at(page, r"/latent\?width=256&latent=42$", "Latent 256/42")
+
+
+def test_long_text_and_bad_paths_say_what_happened(page, server):
+    """Issue 11.4: a paste over the limit is cut with a message; an unknown path shows a page, not a blank."""
+    open_page(page, server, "/live?src=row&width=128&latent=7", "the meta-SAE gives", charts=1)
+    box = page.get_by_label("Text (up to 4,000 characters)")
+    box.fill("Einstein " * 600)  # 5,400 characters: a browser box with maxlength would refuse the paste
+    box.press("Control+Enter")
+    page.get_by_text("The text has 5,400 characters; the limit is 4,000").first.wait_for()
+    assert len(box.input_value()) == 4000
+    for path in ("/latent/extra/path", "/no_such_page"):
+        page.goto(server + path)
+        page.get_by_text("Are SAE latents canonical units?").or_(page.get_by_text("Page not found")).first.wait_for()
+        assert main_text(page).strip()
