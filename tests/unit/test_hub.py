@@ -94,24 +94,26 @@ def test_push_creates_a_dataset_repo_and_uploads_data_then_manifest(atlas_dir: P
     assert url == "https://hub/upload_file"
 
 
-def test_push_refuses_a_bad_atlas_without_calling_the_hub(atlas_dir: Path, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def hub_calls(monkeypatch: pytest.MonkeyPatch) -> _Recorder:
+    """The HfApi calls a push makes, recorded instead of sent."""
     rec = _Recorder()
     for name in ("create_repo", "upload_folder", "upload_file"):
         monkeypatch.setattr(HfApi, name, rec.method(name))
+    return rec
+
+
+def test_push_refuses_a_bad_atlas_without_calling_the_hub(atlas_dir: Path, tmp_path: Path,
+                                                          hub_calls: _Recorder) -> None:
     bad = Path(shutil.copytree(atlas_dir, tmp_path / "bad"))
     (bad / "latents.parquet").write_bytes(b"")
     with pytest.raises(AtlasError, match="latents.parquet"):
         hub.push(bad, REPO)
-    assert rec.calls == []
+    assert hub_calls.calls == []
 
 
-def test_push_refuses_an_atlas_with_a_link_out_of_it(atlas_dir: Path, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_push_refuses_an_atlas_with_a_link_out_of_it(atlas_dir: Path, tmp_path: Path, hub_calls: _Recorder) -> None:
     """upload_folder follows links: a link to ~/.ssh/id_rsa inside the atlas would upload the key."""
-    rec = _Recorder()
-    for name in ("create_repo", "upload_folder", "upload_file"):
-        monkeypatch.setattr(HfApi, name, rec.method(name))
     bad = Path(shutil.copytree(atlas_dir, tmp_path / "bad"))
     secret = tmp_path / "id_rsa"
     secret.write_text("PRIVATE KEY")
@@ -119,4 +121,4 @@ def test_push_refuses_an_atlas_with_a_link_out_of_it(atlas_dir: Path, tmp_path: 
     (bad / "saes" / "key.txt").symlink_to(secret)
     with pytest.raises(AtlasError, match=r"saes/key.txt: a symbolic link .* outside the atlas"):
         hub.push(bad, REPO)
-    assert rec.calls == []
+    assert hub_calls.calls == []
