@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from metasae.backend.config import Settings
+from metasae.backend.endpoints import intervene
 from metasae.backend.errors import ApiError
 from metasae.backend.jobs import JobManager
 from metasae.backend.middleware import AllowedMethods, BodyLimit, DocsGuard, HostCheck
@@ -182,6 +183,7 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
     app.add_exception_handler(Exception, _unexpected)
     router, routes = build_router(app.state.spec, settings)
     app.include_router(router)
+    app.include_router(intervene.router(app.state.spec, settings))  # POST /v1/intervene (issue 12)
     # Added innermost first: a request meets the Host check, then the body limit, the docs guard, OPTIONS / 405.
     app.add_middleware(AllowedMethods, routes=[r for r in app.router.routes if getattr(r, "methods", None)] + routes)
     if settings.token and not settings.public_docs:
