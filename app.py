@@ -73,6 +73,8 @@ def main() -> None:
         st.Page(ui.PAGES["live"], title="Live", icon=":material/bolt:", url_path="live"),
     ]
     page = st.navigation(pages)
+    ui.remember_params(page.url_path or "overview")
+    ui.fix_history()
     ui.sync_url()
     page.run()
 

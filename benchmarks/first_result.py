@@ -32,6 +32,7 @@ TEXT = "Albert Einstein was a German-born theoretical physicist who developed th
 
 
 def _start(atlas: Path, name: str, **env: str) -> tuple[LocalBackendProcess, float]:
+    (ROOT / ".cache").mkdir(exist_ok=True)
     t0 = time.perf_counter()
     proc = LocalBackendProcess(atlas, env={"METASAE_IDLE_TIMEOUT_S": "0", **env},
                                log_path=ROOT / ".cache" / f"bench_first_{name}.log")

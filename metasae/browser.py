@@ -26,14 +26,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_streamlit(atlas: Path, log: Path, timeout_s: float = 120, warm_backend: bool = False
-                    ) -> tuple[subprocess.Popen, str]:
+def start_streamlit(atlas: Path, log: Path, timeout_s: float = 120, warm_backend: bool = False,
+                    extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     """`streamlit run app.py` on ``atlas`` (output to ``log``); returns the process and its base URL once healthy.
 
     ``warm_backend=False`` keeps the app from starting its backend (and loading the model) in the background."""
     port = free_port()
     env = {**os.environ, "METASAE_ATLAS": str(atlas), "OMP_NUM_THREADS": "1",
-           "METASAE_WARM_BACKEND": "1" if warm_backend else "0"}
+           "METASAE_WARM_BACKEND": "1" if warm_backend else "0", **(extra_env or {})}
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",

@@ -169,6 +169,39 @@ def sync_url() -> None:
         st.query_params.from_dict(st.query_params.to_dict())
 
 
+# Streamlit answers Back / Forward by rerunning the entry's page with the query parameters of the page being left
+# (measured in Chromium, Streamlit 1.67: latent 256/42 -> Back gave search?width=256&latent=42). Reloading the
+# entry's own address shows the view the user saw there; every selection lives in the URL, so nothing is lost.
+_HISTORY_JS = """<script>
+(() => {
+  const w = window.parent || window;
+  if (w.__metasaeHistory) return;
+  w.__metasaeHistory = true;
+  w.addEventListener("popstate", () => w.location.reload());
+})();
+</script>"""
+
+
+def fix_history() -> None:
+    """Make Back and Forward walk the visitor's own history across pages (see _HISTORY_JS)."""
+    st.sidebar.html(_HISTORY_JS, unsafe_allow_javascript=True)
+
+
+_REMEMBERED = "_metasae_page_params"
+
+
+def remember_params(page: str) -> None:
+    """Keep each page's last query parameters; a page opened with none (the sidebar's links) gets them back,
+    so going to Search and back to Latent returns to the latent the visitor was on."""
+    mem = st.session_state.setdefault(_REMEMBERED, {})
+    now = {k: v for k, v in st.query_params.to_dict().items() if k != "atlas"}
+    if now:
+        mem[page] = now
+    elif mem.get(page):
+        for k, v in mem[page].items():
+            st.query_params[k] = v
+
+
 def link_params(**values: Any) -> dict[str, str]:
     """Query parameters for a link: the given ones (None dropped) plus the chosen atlas when there are several."""
     out = {k: str(v) for k, v in values.items() if v is not None and v != ""}

@@ -3,7 +3,9 @@
 Starts `streamlit run app.py` on the atlas, opens the six pages in headless Debian Chromium (Playwright) at deep
 links chosen from the atlas itself (a well-labelled latent of the largest width, its top meta-latent, a word of
 its top tokens, the largest stitching pair), waits until each page has finished drawing and saves full-page PNGs
-(overview, latent, meta_latent, search, stitching, live). The browser setup follows tests/browser/test_dashboard.py.
+(overview, latent, meta_latent, search, stitching, live; then live_text and live_one_latent, text through the
+app's own backend, which it starts with the model loading in the background). The browser setup follows
+tests/browser/test_dashboard.py.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ sys.path.insert(0, str(ROOT))
 from metasae.atlas import Atlas  # noqa: E402
 from metasae.browser import CHROMIUM, CHROMIUM_ARGS, start_streamlit, stop  # noqa: E402
 
+LIVE_TEXT = ("Albert Einstein was a German-born theoretical physicist who developed the theory of relativity. "
+             "Marie Curie was a Polish and naturalised-French physicist and chemist.")
 TIMEOUT_MS = 180_000  # a busy machine (or a paper-scale atlas opened and verified the first time) is slow
 WIDTH = 1400
 # labels worth showing first: the README's running example is the "Albert Einstein" latent
@@ -140,14 +144,18 @@ def main() -> None:
         ("latent", f"/latent?width={width}&latent={latent}", [f"Latent {width}/{latent}", "Meta-decomposition"]),
         ("meta_latent", f"/meta_latent?meta={meta}", [f"Meta-latent {meta}", "Member latents, strongest first"]),
         ("search", "/search?" + urllib.parse.urlencode({"q": query}),
-         [f"{n_found} latent"] if n_found else ["Search latents"]),
+         ["Latents 1–"] if n_found else ["Search latents"]),
         ("stitching", f"/stitching?pair={small}-{large}" if pairs else "/stitching",
          [f"Latents of width {large}"] if pairs else ["SAE stitching"]),
         ("live", f"/live?width={width}&latent={latent}", ["the meta-SAE gives"]),
+        # text -> latents through the app's own backend (started with the app, model loading in the background)
+        ("live_text", "/live?" + urllib.parse.urlencode({"text": LIVE_TEXT, "tw": width}), ["Hidden:"]),
+        ("live_one_latent", "/live?" + urllib.parse.urlencode({"text": LIVE_TEXT, "tw": width, "tmode": "one",
+                                                                "tl": latent}), ["fires on"]),
     ]
     a.out.mkdir(parents=True, exist_ok=True)
     log = Path(tempfile.mkstemp(prefix="metasae-screenshots-", suffix=".log")[1])
-    proc, base = start_streamlit(atlas_dir, log)
+    proc, base = start_streamlit(atlas_dir, log, warm_backend=True)
     try:
         from playwright.sync_api import sync_playwright
 

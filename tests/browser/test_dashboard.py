@@ -36,7 +36,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     atlas = make_synthetic_atlas(tmp_path_factory.mktemp("browser") / "planted")
     try:
-        proc, base = start_streamlit(atlas, tmp_path_factory.mktemp("logs") / "streamlit.log")
+        # only the planted atlas (no bundled one beside it): links and addresses carry no ?atlas=
+        proc, base = start_streamlit(atlas, tmp_path_factory.mktemp("logs") / "streamlit.log",
+                                     extra_env={"METASAE_BUNDLED": str(tmp_path_factory.mktemp("no-bundled"))})
     except RuntimeError as e:
         pytest.fail(str(e))
     try:
