@@ -183,7 +183,9 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
     app.add_exception_handler(Exception, _unexpected)
     router, routes = build_router(app.state.spec, settings)
     app.include_router(router)
-    app.include_router(intervene.router(app.state.spec, settings))  # POST /v1/intervene (issue 12)
+    extra = intervene.router(app.state.spec, settings)  # POST /v1/intervene (issue 12)
+    app.include_router(extra)
+    routes = [*routes, *extra.routes]  # include_router does not list them in app.router.routes
     # Added innermost first: a request meets the Host check, then the body limit, the docs guard, OPTIONS / 405.
     app.add_middleware(AllowedMethods, routes=[r for r in app.router.routes if getattr(r, "methods", None)] + routes)
     if settings.token and not settings.public_docs:
