@@ -10,6 +10,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from test_hostile import STRICT
 
 from metasae.atlas import Atlas
 from metasae.corpus import build_contexts
@@ -248,6 +249,13 @@ def test_bad_input_is_4xx_naming_the_field(http, path, raw, status, field):
     assert r.status_code == status, r.text
     detail = r.json()["detail"]
     assert detail.startswith(field), detail
+
+
+@pytest.mark.parametrize(("path", "body", "field"), STRICT,
+                         ids=[f"{p.rsplit('/', 1)[1]}-{i}-{f}" for i, (p, _b, f) in enumerate(STRICT)])
+def test_strings_and_booleans_are_not_numbers_on_a_real_server(http, path, body, field):
+    r = http.post(path, json=body)
+    assert r.status_code == 422 and r.json()["detail"].startswith(f"{field}: "), r.text
 
 
 def test_body_over_the_limit_is_413(http):

@@ -1,1 +1,1 @@
-"""One module a route (Neuronpedia's inference-server layout)."""
+"""One module a route's handler (Neuronpedia's inference-server layout); routes.py registers them per atlas."""

@@ -6,17 +6,12 @@ import importlib
 import time
 from collections.abc import Callable
 
-from fastapi import APIRouter
-
 from metasae.backend.config import Settings
-from metasae.backend.deps import JobsDep, ResourcesDep, SettingsDep
 from metasae.backend.endpoints.activations import token_ids
 from metasae.backend.errors import ApiError, field_error
-from metasae.backend.jobs import Job, JobCancelled
+from metasae.backend.jobs import Job, JobCancelled, JobManager
 from metasae.backend.resources import Resources
-from metasae.backend.schemas import StitchRequest, StitchStarted
-
-router = APIRouter(tags=["stitching"])
+from metasae.backend.schemas import StitchRequest
 
 
 def load_stitch_fn(spec: str) -> tuple[Callable, tuple[type[BaseException], ...]]:
@@ -117,28 +112,15 @@ def stitch_job(req: StitchRequest, res: Resources, settings: Settings) -> Callab
     return run
 
 
-@router.post("/stitch", response_model=StitchStarted, status_code=202,
-             summary="start a stitching evaluation job (poll GET /v1/jobs/{job_id})")
-def start_stitch(req: StitchRequest, res: ResourcesDep,
-                 jobs: JobsDep, settings: SettingsDep) -> dict:
-    if (req.text is None) == (req.n_tokens is None):
-        raise field_error("text", "give exactly one of text or n_tokens")
+def start_stitch(req: StitchRequest, res: Resources, jobs: JobManager, settings: Settings) -> dict:
+    """Queue the job. The body's schema (schemas.stitch_body) already holds exactly one of text / n_tokens, text
+    that is not blank nor too long, n_tokens within the limits, widths of the atlas; what it cannot say is here."""
     res.check_width(req.small, "small")
     res.check_width(req.large, "large")
     if req.large <= req.small:
         raise field_error("large", f"must be wider than small ({req.large} <= {req.small})")
-    if req.text is not None:
-        if not req.text.strip():
-            raise field_error("text", "must not be empty")
-        if len(req.text) > settings.max_text_chars:
-            raise field_error("text", f"has {len(req.text)} characters, the limit is {settings.max_text_chars}",
-                              413)
-    else:
-        ctx = ctx_len_of(res.manifest)
-        if req.n_tokens < ctx:
-            raise field_error("n_tokens", f"must be at least one context ({ctx} tokens), got {req.n_tokens}")
-        if req.n_tokens > settings.max_stitch_tokens:
-            raise field_error("n_tokens", f"{req.n_tokens} is more than the limit {settings.max_stitch_tokens}", 413)
+    if req.n_tokens is not None and req.n_tokens < (ctx := ctx_len_of(res.manifest)):  # ctx unknown at start
+        raise field_error("n_tokens", f"must be at least one context ({ctx} tokens), got {req.n_tokens}")
     summary = req.model_dump(exclude_none=True)
     if req.text is not None:
         summary["text"] = f"<{len(req.text)} characters>"

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from metasae.backend.schemas.common import Response
 
 
-class Loaded(BaseModel):
+class Loaded(Response):
     model: bool
     meta_sae: bool
     saes: list[int]
