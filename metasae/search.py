@@ -28,6 +28,8 @@ MATCH_NAMES = {EXACT_LABEL: "label (exact)", LABEL: "label", TOKEN: "top token",
 EXAMPLE_WINDOW = (5, 2)  # tokens before / after the max-activation token that the example search indexes
 MAX_QUERY_WORDS = 8  # token/example matching uses at most this many distinct words of a query
 RESULT_COLUMNS = ["sae_width", "latent", "label", "score", "match", "density", "kind", "delta_mse", "delta_ce"]
+DECOMP_COLUMNS = ("decomp_fvu", "decomp_terms", "decomp_entropy")  # metasae.meta.decomposability (issue 12.2)
+DECOMP_ORDERS = ("composite", "atomic")
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
 
@@ -89,6 +91,8 @@ class SearchIndex:
         self._density = _np(pc.cast(lat["density"], pa.float64()), dtype=np.float64)
         self._delta_mse = _np(pc.cast(lat["delta_mse"], pa.float64()), dtype=np.float64)
         self._delta_ce = _np(pc.cast(lat["delta_ce"], pa.float64()), dtype=np.float64)
+        self._decomp = {c: _np(pc.cast(lat[c], pa.float64()), dtype=np.float64) if c in lat.column_names
+                        else np.full(self.n, np.nan) for c in DECOMP_COLUMNS}  # absent in atlases built before
         kind = pc.fill_null(lat["kind"], "").combine_chunks().dictionary_encode()
         self._kind_values = kind.dictionary.to_pylist()
         self._kind_code = kind.indices.to_numpy()
@@ -307,6 +311,43 @@ class SearchIndex:
         order = np.lexsort((rows, -total))[:limit]
         return self._frame(rows[order], total[order])
 
+    def by_decomposability(self, order: str = "composite", widths: Iterable[int] | None = None,
+                           max_fvu: float | None = None, min_terms: int | None = None, max_terms: int | None = None,
+                           min_density: float | None = None, max_density: float | None = None,
+                           limit: int = 50) -> pd.DataFrame:
+        """Live latents ranked by `decomp_score` (the score column): most composite first, or most atomic first.
+
+        Dead latents are left out (their decoder rows are untrained directions). Returns the text search's
+        columns (no match) plus decomp_fvu, decomp_terms, decomp_entropy; empty when the atlas has no scores.
+        """
+        if order not in DECOMP_ORDERS:
+            raise ValueError(f"order must be one of {', '.join(DECOMP_ORDERS)}, got {order!r}")
+        fvu, terms, ent = (self._decomp[c] for c in DECOMP_COLUMNS)
+        score = decomp_score(fvu, ent)
+        mask = self._mask(widths, None, min_density, max_density, None, None) & np.isfinite(score)
+        mask &= self._density > 0
+        for values, bound, keep in ((fvu, max_fvu, np.less_equal), (terms, min_terms, np.greater_equal),
+                                    (terms, max_terms, np.less_equal)):
+            if bound is not None:
+                mask &= keep(values, bound)
+        rows = np.flatnonzero(mask)
+        rows = rows[np.lexsort((rows, -score[rows] if order == "composite" else score[rows]))][:max(int(limit), 0)]
+        out = self._frame(rows, score[rows])
+        for c in DECOMP_COLUMNS:
+            out[c] = self._decomp[c][rows]
+        return out
+
+    def has_decomposability(self) -> bool:
+        """Whether the atlas stores the per-latent decomposability columns."""
+        return bool(np.isfinite(self._decomp["decomp_fvu"]).any())
+
     def vocabulary_size(self) -> int:
         """Distinct normalised tokens indexed (top tokens and example windows)."""
         return len(self._vocab)
+
+
+def decomp_score(fvu: np.ndarray, entropy: np.ndarray) -> np.ndarray:
+    """Decomposability in [0, 1): (1 - decomp_fvu) x (1 - 1/n_eff), n_eff = exp(decomp_entropy) the effective
+    number of meta-latents. High: the meta-SAE explains the latent well *and* with several meta-latents
+    (composite); near 0: it cannot explain it, or one meta-latent does (atomic). See docs/intervention.md."""
+    return (1.0 - np.asarray(fvu, dtype=np.float64)) * (1.0 - np.exp(-np.asarray(entropy, dtype=np.float64)))

@@ -219,6 +219,7 @@ def make_synthetic_atlas(
                                                             examples.num_rows, ctx))
     del top_idx, ex_idx
     latents = _relations(rng, lad, latents)
+    latents = _decomposability(latents, dec, lad, seed)
     meta = _meta_table(rng, n_meta, dec, lad.n, word_arr, tok_arr.slice(0, n_random), planted)
     stitching, stats = _stitching(rng, lad, latents)
     kinds = latents["kind"].to_numpy(zero_copy_only=False)
@@ -365,6 +366,22 @@ def _relations(rng: np.random.Generator, lad: _Ladder, lat: pa.Table) -> pa.Tabl
             .append_column("nearest_larger", masked(near_l))
             .append_column("nearest_larger_cos", pa.array(cos_l, from_pandas=True))
             .append_column("group_id", masked(group)))
+
+
+def _decomposability(lat: pa.Table, dec: pa.Table, lad: _Ladder, seed: int) -> pa.Table:
+    """decomp_fvu / decomp_terms / decomp_entropy as metasae.meta.decomposability defines them: terms and entropy
+    (nats, of the normalised weights) from the stored decomposition, FVU drawn (its own generator, so every other
+    value stays what this seed always gave); planted latents are well explained (FVU 0.1)."""
+    k = dec.num_rows // max(lad.n, 1)
+    w = dec["weight"].to_numpy().reshape(lad.n, k).astype(np.float64)
+    w = np.where(w > 0.005, w, 0.0)  # the padding weights (0.001) of planted rows are not active meta-latents
+    p = w / np.maximum(w.sum(1, keepdims=True), 1e-12)
+    ent = -(p * np.log(np.where(p > 0, p, 1.0))).sum(1)
+    fvu = np.random.default_rng(seed + 12).uniform(0.05, 0.95, size=lad.n)
+    fvu[np.isin(lat["label"].to_numpy(zero_copy_only=False), [s["label"] for s in _PLANTED_SPEC.values()])] = 0.1
+    return (lat.append_column("decomp_fvu", pa.array(fvu.astype(np.float32)))
+            .append_column("decomp_terms", pa.array((w > 0).sum(1).astype(np.int16)))
+            .append_column("decomp_entropy", pa.array(ent.astype(np.float32))))
 
 
 def _decompositions(rng: np.random.Generator, lad: _Ladder, n_meta: int, k: int) -> pa.Table:

@@ -595,6 +595,19 @@ def meta_search(index: Any, metas: list[int], min_weight: float = 0.0, widths: l
     return SearchResult(res, msg)
 
 
+def decomp_search(index: Any, order: str, widths: list[int] | None = None, max_fvu: float | None = None,
+                  min_terms: int | None = None, max_terms: int | None = None, limit: int = 100) -> SearchResult:
+    """Live latents by decomposability (metasae.search.decomp_score): most composite or most atomic first."""
+    if not index.has_decomposability():
+        return SearchResult(pd.DataFrame(), "This atlas stores no decomposability scores (decomp_fvu, decomp_terms, "
+                                            "decomp_entropy): it was built before they existed; rebuild it.")
+    if min_terms is not None and max_terms is not None and min_terms > max_terms:
+        raise BadInput(f"The minimum number of meta-latents ({min_terms}) is above the maximum ({max_terms}).")
+    res = index.by_decomposability(order, widths=widths or None, max_fvu=max_fvu, min_terms=min_terms,
+                                   max_terms=max_terms, limit=limit)
+    return SearchResult(res, None if len(res) else "No live latent passes these filters.")
+
+
 # --------------------------------------------------------------------------------------------- stitching
 
 

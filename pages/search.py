@@ -7,7 +7,8 @@ from metasae import app_state, ui, views
 ctx, atlas = ui.require_atlas()
 st.title("Search latents")
 
-MODES = {"text": "Text", "meta": "By meta-latents"}
+MODES = {"text": "Text", "meta": "By meta-latents", "decomp": "By decomposability"}
+ORDERS = {"composite": "Most composite", "atomic": "Most atomic"}
 problems: list[str] = []
 
 
@@ -35,6 +36,26 @@ if mode == "text":
     st.text_input("Text: labels, top tokens and the tokens around each example's peak", key="s_q",
                   placeholder="a word, a token, part of a label … e.g. einstein",
                   on_change=ui.to_url("s_q", "q", default=""))
+elif mode == "decomp":
+    order = ui.param("order") if ui.param("order") in ORDERS else "composite"
+    ui.bind("s_order", order)
+    st.segmented_control("Order", list(ORDERS), key="s_order", format_func=ORDERS.get, required=True,
+                         on_change=ui.to_url("s_order", "order", default="composite"),
+                         help="score = (1 − meta-SAE FVU) × (1 − 1/n_eff), n_eff = exp(entropy of the meta-latent "
+                              "weights): high when the meta-SAE explains the latent well with several meta-latents "
+                              "(composite); near 0 when it cannot, or when one meta-latent does (atomic). "
+                              "Dead latents are left out.")
+    d1, d2, d3 = st.columns(3)
+    max_fvu = url(app_state.parse_float, "fvu", "Maximum FVU")
+    tmin, tmax = url(app_state.parse_int, "tmin", "Minimum meta-latents"), url(app_state.parse_int, "tmax",
+                                                                              "Maximum meta-latents")
+    for col, key, name, label, value in ((d1, "s_fvu", "fvu", "max meta-SAE FVU", max_fvu),
+                                         (d2, "s_tmin", "tmin", "min meta-latents", tmin),
+                                         (d3, "s_tmax", "tmax", "max meta-latents", tmax)):
+        ui.bind(key, value)
+        col.number_input(label, value=None, key=key, min_value=0.0 if key == "s_fvu" else 0,
+                         step=0.05 if key == "s_fvu" else 1, placeholder="—",
+                         on_change=ui.to_url(key, name, encode=lambda v: f"{v:g}"))
 else:
     options = views.meta_options(atlas)
     names = dict(options)
@@ -87,6 +108,9 @@ with ui.guard():
         out = views.text_search(index, q, widths=widths, kind=None if kind == "any" else kind,
                                 min_density=bounds["dmin"], max_density=bounds["dmax"],
                                 min_delta_mse=bounds["emin"], max_delta_mse=bounds["emax"], limit=limit)
+    elif mode == "decomp":
+        out = views.decomp_search(index, order, widths=widths, max_fvu=max_fvu, min_terms=tmin, max_terms=tmax,
+                                  limit=limit)
     else:
         out = views.meta_search(index, metas, minw, widths=widths, limit=limit)
     if out.warning:
@@ -107,14 +131,18 @@ if results is not None and len(results):
     st.markdown(f"**Latents {first:,}–{first + len(shown) - 1:,}** of {n:,}"
                 + (" (the best; narrow the search to see others)" if len(results) > MAX_RESULTS else ""))
     for r in shown.head(10).itertuples(index=False):
-        how = getattr(r, "match", "") or f"summed weight {r.score:.3f}"
+        how = getattr(r, "match", "") or (f"decomposability {r.score:.3f} (FVU {r.decomp_fvu:.2f}, "
+                                          f"{r.decomp_terms:.0f} meta-latents)" if mode == "decomp"
+                                          else f"summed weight {r.score:.3f}")
         ui.latent_link(r.sae_width, r.latent, r.label, extra=f"  — {how}")
     table = ui.with_links(views.with_badges(shown.assign(label=shown["label"].map(views.show_token))))
     ui.table(table, f"search_page{page}", column_config={
         **ui.LINK_COLUMN, "score": st.column_config.NumberColumn("score", format="%.3f"),
         "density": st.column_config.NumberColumn("density", format="%.2e"),
         "delta_mse": st.column_config.NumberColumn("ΔMSE", format="%.2e"),
-        "delta_ce": st.column_config.NumberColumn("ΔCE", format="%.2e")})
+        "delta_ce": st.column_config.NumberColumn("ΔCE", format="%.2e"),
+        "decomp_fvu": st.column_config.NumberColumn("meta-SAE FVU", format="%.3f"),
+        "decomp_entropy": st.column_config.NumberColumn("entropy", format="%.3f")})
     here = {k: v for k, v in st.query_params.to_dict().items() if k != "page"}
     p1, p2, _ = st.columns([1, 1, 4])
     with p1:
