@@ -291,6 +291,9 @@ def write_report(atlas_path: str | Path, out_dir: str | Path) -> Path:
         f"{_pct(1 - ms.get('random_train_fvu', float('nan')))} (random rows) | {PAPER['meta_var_explained']} |",
         f"| variance explained, held-out rows | {_pct(1 - ms.get('heldout_fvu', float('nan')))} | "
         f"{_pct(1 - ms.get('random_heldout_fvu', float('nan')))} (random rows) | |",
+        *([f"| the largest rung's rows alone ({ms['largest_only']['n_rows']} rows): train / held-out | "
+           f"{_pct(1 - ms['largest_only']['train_fvu'])} / {_pct(1 - ms['largest_only']['heldout_fvu'])} | | |"]
+          if ms.get("largest_only") else []),
         f"| held-out, each meta seed | {' / '.join(_pct(1 - f) for f in ms.get('seed_heldout_fvu', []))} | | |",
         f"| meta-latents found again by other seeds (cos >= 0.7) | "
         f"{_pct((ms.get('seed_stability') or {}).get('matched_frac'))} | | |",

@@ -162,7 +162,7 @@ def stage_stitching(ctx) -> None:
     """Every neighbouring pair: match, ΔMSE (closed form), ΔCE (attribution for all, exact for a sample), curves."""
 
 
-    cfg, work = ctx["cfg"], ctx["work"]
+    work = ctx["work"]
     saes = _saes(ctx)
     todo = [i for i in range(len(saes) - 1)
             if not (work / "stitch" / f"{saes[i].width}_{saes[i + 1].width}" / "done.json").is_file()]
@@ -357,16 +357,20 @@ def stage_meta(ctx) -> None:
     mcfg = mt.MetaConfig(width=cfg.meta_width, k=cfg.meta_k, batch_size=cfg.meta_batch_size,
                          n_batches=cfg.meta_batches, seed=cfg.seed)
     random_rows = mt.random_rows(len(rows), rows.shape[1], seed=cfg.seed + 7)
-    jobs = {f"seed{i}": (rows, cfg.seed + i) for i in range(max(1, cfg.meta_seeds))}
-    jobs["random"] = (random_rows, cfg.seed)
+    jobs = {f"seed{i}": (rows, cfg.seed + i, split) for i in range(max(1, cfg.meta_seeds))}
+    jobs["random"] = (random_rows, cfg.seed, split)
+    if cfg.meta_rows == "pooled" and len(saes) > 1:
+        # the alternative the pooled recipe is measured against: the largest rung's rows alone, same filter
+        lrows, _ = mt.select_rows([(saes[-1].width, saes[-1].W_dec, lat[saes[-1].width].density.to_numpy())], sel)
+        jobs["largest"] = (lrows, cfg.seed, mt.split_rows(len(lrows), heldout=0.1, seed=cfg.seed))
     todo = [n for n in jobs if not (folder / n / "sae_weights.safetensors").is_file()]
-    run_jobs([functools.partial(mt.train_meta_job, jobs[n][0][split.train], mcfg, jobs[n][1], folder / n,
+    run_jobs([functools.partial(mt.train_meta_job, jobs[n][0][jobs[n][2].train], mcfg, jobs[n][1], folder / n,
                                 ctx["progress"]) for n in todo], ctx.get("workers", 1))
     metas = {n: Sae.load(folder / n) for n in jobs}
     meta = metas["seed0"]
     meta.save(work / "meta_sae")
-    fvu = {n: {"train": mt.meta_fvu(m, jobs[n][0][split.train]), "heldout": mt.meta_fvu(m, jobs[n][0][split.heldout])}
-           for n, m in metas.items()}
+    fvu = {n: {"train": mt.meta_fvu(m, jobs[n][0][jobs[n][2].train]),
+               "heldout": mt.meta_fvu(m, jobs[n][0][jobs[n][2].heldout])} for n, m in metas.items()}
     seeds = [metas[n] for n in jobs if n.startswith("seed")]
     decomp = mt.decomposition_table(meta, saes)
     write_table(work, "decompositions", decomp)
@@ -382,6 +386,8 @@ def stage_meta(ctx) -> None:
             "train_fvu": fvu["seed0"]["train"], "heldout_fvu": fvu["seed0"]["heldout"],
             "random_train_fvu": fvu["random"]["train"], "random_heldout_fvu": fvu["random"]["heldout"],
             "seed_heldout_fvu": [fvu[n]["heldout"] for n in jobs if n.startswith("seed")],
+            "largest_only": ({"n_rows": len(jobs["largest"][0]), "train_fvu": fvu["largest"]["train"],
+                              "heldout_fvu": fvu["largest"]["heldout"]} if "largest" in jobs else None),
             "rows": {"source": cfg.meta_rows, "n_rows": len(rows), "n_train": int(len(split.train)),
                      "n_heldout": int(len(split.heldout)), "min_density": cfg.meta_min_density,
                      "max_density": cfg.meta_max_density,
