@@ -71,6 +71,7 @@ def main() -> None:
         st.Page(ui.PAGES["search"], title="Search", icon=":material/search:", url_path="search"),
         st.Page(ui.PAGES["stitching"], title="Stitching", icon=":material/call_merge:", url_path="stitching"),
         st.Page(ui.PAGES["live"], title="Live", icon=":material/bolt:", url_path="live"),
+        st.Page(ui.PAGES["intervene"], title="Intervene", icon=":material/tune:", url_path="intervene"),
     ]
     page = st.navigation(pages)
     ui.remember_params(page.url_path or "overview")

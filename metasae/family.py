@@ -46,6 +46,21 @@ def unit_decoder(atlas: Atlas, width: int) -> np.ndarray:
     return rows
 
 
+def meta_decoder(atlas: Atlas) -> np.ndarray:
+    """The meta-SAE's decoder rows (n_meta, d_model), loaded once per process."""
+    from metasae.views import load_meta_sae
+
+    digest = str((atlas.manifest.get("files") or {}).get("meta_sae/sae_weights.safetensors", ""))
+    key = (str(atlas.path), -1, digest)
+    with _LOCK:
+        hit = _CACHE.get(key)
+    if hit is None:
+        hit = load_meta_sae(atlas).W_dec.float().numpy().copy()
+        with _LOCK:
+            _CACHE[key] = hit
+    return hit
+
+
 def unit_decoders(atlas: Atlas) -> dict[int, np.ndarray]:
     """Unit decoder rows of every width of the atlas."""
     return {w: unit_decoder(atlas, w) for w in atlas.widths}
@@ -143,6 +158,17 @@ def with_labels(atlas: Atlas, df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def latent_family(atlas: Atlas, width: int, latent: int, k: int = 3) -> pd.DataFrame:
+    """`family_tree` of one latent of the atlas, with labels and densities."""
+    return with_labels(atlas, family_tree(unit_decoders(atlas), width, latent, k))
+
+
+def meta_family(atlas: Atlas, m: int, k: int = 5) -> tuple[pd.DataFrame, dict[str, Any] | None]:
+    """`meta_neighbours` of meta-latent `m` of the atlas (labels and densities added), and the best width."""
+    near, best = meta_neighbours(unit_decoders(atlas), meta_decoder(atlas), m, k)
+    return with_labels(atlas, near), best
+
+
 def tree_figure(tree: pd.DataFrame, title: str = "Family across the ladder") -> Any:
     """The family tree drawn with widths as rows (smallest on top) and cosine-to-root as colour."""
     import plotly.graph_objects as go
@@ -179,4 +205,17 @@ def tree_figure(tree: pd.DataFrame, title: str = "Family across the ladder") -> 
                       xaxis={"visible": False},
                       yaxis={"tickvals": [-float(s) for s in steps], "ticktext": [f"width {w}" for w in widths],
                              "range": [-max(steps) - 0.6, -min(steps) + 0.6]})
+    return fig
+
+
+def per_width_figure(near: pd.DataFrame, title: str = "Best decoder cosine in each width") -> Any:
+    """Bars: the highest cosine reached in each width (the nearest latent's id on the bar)."""
+    import plotly.graph_objects as go
+
+    top = near[near["rank"] == 0]
+    fig = go.Figure(go.Bar(x=[str(int(w)) for w in top.sae_width], y=top.cos,
+                           text=[f"latent {int(i)}" for i in top.latent], textposition="outside",
+                           hovertemplate="width %{x}: cos %{y:.3f}<extra></extra>"))
+    fig.update_layout(title=title, height=300, xaxis_title="width", yaxis={"title": "cos", "range": [0, 1.1]},
+                      margin={"l": 50, "r": 10, "t": 50, "b": 40})
     return fig

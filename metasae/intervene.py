@@ -289,3 +289,94 @@ def intervene(setup: Setup, tokens: Sequence[int], latent: int, edits: Sequence[
     return {"tokens": lm.decode_tokens(tokens), "token_ids": [int(i) for i in tokens], "latent": int(latent),
             "width": setup.sae.width, "clean": clean, "edits": out_edits,
             "targets": [{"text": s, "id": i, "n_tokens": n, "logp_clean": float(clean_logp[i])} for s, i, n in tgt]}
+
+
+# ------------------------------------------------------------------------------------------------ the lab page
+
+
+TARGET_SEP = "|"  # targets in the URL: " Germany| physics" (a comma or space could be part of a token)
+
+
+def parse_scales(text: str | None, allowed: Sequence[int]) -> dict[int, float]:
+    """'3:0,11:0.5' -> {3: 0.0, 11: 0.5}; meta-latents outside `allowed` and bad pieces raise ValueError."""
+    out: dict[int, float] = {}
+    for piece in (text or "").split(","):
+        if not piece.strip():
+            continue
+        m, _, s = piece.partition(":")
+        try:
+            mi, sf = int(m), float(s)
+        except ValueError:
+            raise ValueError(f"Meta-latent scale {piece.strip()[:40]!r} in the URL is not 'meta:scale'.") from None
+        if mi not in allowed:
+            raise ValueError(f"Meta-latent {mi} in the URL is not in this latent's decomposition ({list(allowed)}).")
+        if not (math.isfinite(sf) and -10 <= sf <= 10):
+            raise ValueError(f"The scale of meta-latent {mi} in the URL must be between -10 and 10.")
+        out[mi] = sf
+    return out
+
+
+def parse_targets(text: str | None) -> list[str]:
+    """' Germany| physics' -> [' Germany', ' physics'] (empty pieces dropped, at most 8)."""
+    return [t for t in (text or "").split(TARGET_SEP) if t][:8]
+
+
+def lab_body(width: int, latent: int, prompt: str, targets: Sequence[str], remove: int | None,
+             scales: dict[int, float], positions: str = "all", max_new_tokens: int = 0) -> dict[str, Any]:
+    """The /v1/intervene body the lab page sends: whole-latent ablation, removing one meta-latent, and (when a
+    slider moved) the sliders' meta-latent scales."""
+    edits: list[dict[str, Any]] = [{"kind": "ablate", "name": f"ablate latent {latent}"}]
+    if remove is not None:
+        edits.append({"kind": "meta", "meta_scales": [{"meta_latent": int(remove), "scale": 0.0}],
+                      "name": f"remove meta-latent {remove}"})
+    moved = {m: s for m, s in scales.items() if s != 1.0}
+    if moved:
+        edits.append({"kind": "meta", "name": "sliders",
+                      "meta_scales": [{"meta_latent": int(m), "scale": float(s)} for m, s in sorted(moved.items())]})
+    return {"prompt": prompt, "width": int(width), "latent": int(latent), "edits": edits, "targets": list(targets),
+            "positions": positions, "top_k": 10, "max_new_tokens": int(max_new_tokens)}
+
+
+def via_backend(backend: Any, body: dict[str, Any]) -> dict[str, Any]:
+    """POST /v1/intervene through a metasae backend client. The HTTP client (backend/client.py) has no
+    `intervene` method yet, so its generic request is used; a backend object with one (a test fake) is asked."""
+    if hasattr(backend, "intervene"):
+        return dict(backend.intervene(body))
+    return backend._request("POST", "/v1/intervene", body)
+
+
+def summary_table(result: dict[str, Any]) -> Any:
+    """One row per edit: KL, tokens edited, the top next token, and each target's log-prob change (nats)."""
+    import pandas as pd
+
+    rows = [{"edit": "clean", "KL (nats)": 0.0, "tokens edited": 0,
+             "top token": result["clean"]["top"][0]["token"] if result["clean"]["top"] else "",
+             **{f"Δ log p({t['text']!r})": 0.0 for t in result.get("targets", [])}}]
+    for e in result["edits"]:
+        rows.append({"edit": e["name"], "KL (nats)": e["kl"], "tokens edited": e["n_positions"],
+                     "top token": e["top"][0]["token"] if e["top"] else "",
+                     **{f"Δ log p({t['text']!r})": t["delta"] for t in e["targets"]}})
+    return pd.DataFrame(rows)
+
+
+def targets_figure(result: dict[str, Any]) -> Any:
+    """Grouped bars: the log-prob change of each target token under each edit."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for e in result["edits"]:
+        fig.add_bar(name=e["name"], x=[repr(t["text"]) for t in e["targets"]], y=[t["delta"] for t in e["targets"]],
+                    hovertemplate="%{x}: %{y:.3f} nats<extra>" + e["name"] + "</extra>")
+    fig.update_layout(title="Change in log-probability of the watched tokens", barmode="group", height=340,
+                      yaxis_title="Δ log p (nats)", margin={"l": 50, "r": 10, "t": 50, "b": 40},
+                      legend={"orientation": "h", "y": -0.2})
+    return fig
+
+
+def default_prompt(examples: Sequence[dict[str, Any]], max_tokens: int = 32) -> str:
+    """The latent's top example up to and including its max-activation token (so the latent fires at the end)."""
+    for ex in examples:
+        toks, pos = ex.get("tokens") or [], ex.get("position")
+        if toks and pos is not None and 0 <= int(pos) < len(toks):
+            return "".join(str(t) for t in toks[max(0, int(pos) + 1 - max_tokens): int(pos) + 1])
+    return ""

@@ -21,6 +21,7 @@ from metasae.atlas import Atlas, AtlasError, UnknownLatentError
 PAGES = {
     "overview": "pages/overview.py", "latent": "pages/latent.py", "meta_latent": "pages/meta_latent.py",
     "search": "pages/search.py", "stitching": "pages/stitching.py", "live": "pages/live.py",
+    "intervene": "pages/intervene.py",
 }
 _CTX = "_metasae_context"
 

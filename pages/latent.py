@@ -34,6 +34,19 @@ m[1].metric("Mean act", views.fmt(row.get("mean_act"), 3))
 m[2].metric("Max act", views.fmt(row.get("max_act"), 3))
 for col, (name, value, help_) in zip(m[3:], views.effects(row)[:3], strict=False):
     col.metric(name, views.fmt(value, 3), help=help_)
+if row.get("decomp_fvu") is not None:  # issue 12.2: how well and how sparsely the meta-SAE explains it
+    from metasae.search import decomp_score
+
+    d = st.columns(6)
+    d[0].metric("Decomposability", views.fmt(float(decomp_score(row["decomp_fvu"], row.get("decomp_entropy") or 0.0)), 3),
+                help="(1 − meta-SAE FVU) × (1 − 1/n_eff): high = composite (explained well by several meta-latents), "
+                     "near 0 = atomic (unexplained, or one meta-latent). See docs/intervention.md.")
+    d[1].metric("Meta-SAE FVU", views.fmt(row["decomp_fvu"], 3), help="||u − û||² of the unit decoder row")
+    d[2].metric("Meta-latents", views.fmt(row.get("decomp_terms")), help="active meta-latents of the unit row")
+    d[3].metric("Weight entropy", views.fmt(row.get("decomp_entropy"), 3),
+                help="entropy (nats) of the normalised meta-latent weights; exp of it = effective number")
+ui.page_link("intervene", "Edit this latent (intervention lab)", {"width": width, "latent": latent},
+             icon=":material/tune:")
 
 left, right = st.columns([1, 1])
 with left, ui.guard():
@@ -110,6 +123,22 @@ with ui.guard():
     if eff:
         ui.table(pd.DataFrame({"effect": [e[0] for e in eff], "value": [views.fmt(e[1], 4) for e in eff],
                                "meaning": [e[2] for e in eff]}), f"effects_{width}_{latent}")
+
+st.subheader("Family tree across the whole ladder")
+with ui.guard():  # issue 12.3: nearest latents by decoder cosine in every smaller and larger width
+    from metasae import family
+
+    if not atlas.manifest.get("weights", True):
+        st.caption("This atlas has no SAE weights: the decoder cosines cannot be computed.")
+    else:
+        tree = family.latent_family(atlas, width, latent, k=3)
+        st.plotly_chart(family.tree_figure(tree, f"Nearest 3 latents of {width}/{latent} in every width"),
+                        key=f"tree-{width}-{latent}")
+        others = tree.iloc[1:]
+        ui.table(ui.with_links(views.with_badges(others.assign(label=others["label"].map(views.show_token)))),
+                 f"family_tree_{width}_{latent}", column_config={**ui.LINK_COLUMN,
+                 "cos": st.column_config.NumberColumn("cos to this latent", format="%.3f"),
+                 "parent_cos": st.column_config.NumberColumn("cos to parent", format="%.3f")})
 
 st.subheader("Top examples")
 with ui.guard():

@@ -47,6 +47,24 @@ with right, ui.guard():
         for r in view.cooccurring.head(5).itertuples(index=False):
             ui.meta_link(r.meta_latent, r.label, extra=f"  ({r.count} shared)")
 
+st.subheader("Nearest latents in every width (decoder cosine, members or not)")
+with ui.guard():  # issue 12.3: the meta-latent's direction against every decoder row of the ladder
+    from metasae import family
+
+    if not atlas.manifest.get("weights", True):
+        st.caption("This atlas has no SAE weights: the decoder cosines cannot be computed.")
+    else:
+        near, best = family.meta_family(atlas, meta, k=5)
+        if best:
+            st.markdown(f"Best matched at **width {best['sae_width']}**: latent {best['latent']} "
+                        f"(cos {best['cos']:.3f}).")
+        n1, n2 = st.columns([1, 2])
+        n1.plotly_chart(family.per_width_figure(near), key="near_per_width")
+        with n2:
+            ui.table(ui.with_links(views.with_badges(near.assign(label=near["label"].map(views.show_token)))),
+                     f"meta_{meta}_nearest", column_config={
+                         **ui.LINK_COLUMN, "cos": st.column_config.NumberColumn("cos", format="%.3f")})
+
 st.subheader("Member latents, strongest first")
 with ui.guard():
     ui.bind("meta_widths", [w for w in app_state.parse_int_list(ui.param("mw"), "Width") if w in atlas.widths])
