@@ -74,9 +74,10 @@ def main() -> None:
         st.Page(ui.PAGES["intervene"], title="Intervene", icon=":material/tune:", url_path="intervene"),
     ]
     page = st.navigation(pages)
-    ui.remember_params(page.url_path or "overview")
+    name = page.url_path or "overview"
+    ui.remember_params(name)
     ui.fix_history()
-    ui.sync_url()
+    ui.sync_url(name)
     page.run()
 
 

@@ -101,12 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     assert manifest is not None, problems
     widths = sorted(int(s["width"]) for s in manifest["saes"])
     out = {"atlas": str(atlas), "model": manifest["model"]["name"], "cpu_count": os.cpu_count()}
-    out.update(live_text(atlas, widths[0]))
-    out.update(evaluation(atlas, widths[0], widths[1], args.tokens))
-    out.update(background(atlas))
-    width = max(len(k) for k in out)
-    for k, v in out.items():
-        print(f"{k:<{width}}  {v}")
+    for part in (lambda: live_text(atlas, widths[0]), lambda: background(atlas),
+                 lambda: evaluation(atlas, widths[0], widths[1], args.tokens)):
+        got = part()
+        out.update(got)
+        for k, v in got.items():  # as soon as measured: a long run interrupted still leaves its numbers
+            print(f"{k:<24}  {v}", flush=True)
     if args.json:
         print(json.dumps(out))
     return 0

@@ -159,13 +159,19 @@ def set_params(**values: Any) -> None:
             st.query_params[k] = str(v)
 
 
-def sync_url() -> None:
-    """Send the run's query parameters back to the browser.
+def sync_url(page: str) -> None:
+    """Send the run's query parameters back to the browser (only when the page did not change in this run).
 
     A page link to the page already shown reruns it with the link's parameters but leaves the address bar
     (and the history) alone; re-sending them makes the browser push the new URL, so links, reloads and the
-    back button agree. When the address bar already shows them, the browser does nothing.
+    back button agree. When the address bar already shows them, the browser does nothing. On a run that
+    changes the page they must not be sent: the browser writes them into the entry being left before it adds
+    the new page's (measured: latent link on Search, then Back, gave search?width=..&latent=..).
     """
+    last = st.session_state.get("_metasae_page")
+    st.session_state["_metasae_page"] = page
+    if last != page:
+        return
     with contextlib.suppress(Exception):
         st.query_params.from_dict(st.query_params.to_dict())
 
@@ -178,7 +184,11 @@ _HISTORY_JS = """<script>
   const w = window.parent || window;
   if (w.__metasaeHistory) return;
   w.__metasaeHistory = true;
-  w.addEventListener("popstate", () => w.location.reload());
+  // capture: runs before Streamlit's own popstate listener, which would rewrite the address first
+  w.addEventListener("popstate", (e) => {
+    e.stopImmediatePropagation();
+    w.location.replace(w.location.href);
+  }, {capture: true});
 })();
 </script>"""
 
@@ -192,15 +202,16 @@ _REMEMBERED = "_metasae_page_params"
 
 
 def remember_params(page: str) -> None:
-    """Keep each page's last query parameters; a page opened with none (the sidebar's links) gets them back,
-    so going to Search and back to Latent returns to the latent the visitor was on."""
+    """Keep each page's last query parameters; a page opened with none (the sidebar's links) is switched to
+    them, so going to Search and back to Latent returns to the latent the visitor was on."""
     mem = st.session_state.setdefault(_REMEMBERED, {})
     now = {k: v for k, v in st.query_params.to_dict().items() if k != "atlas"}
     if now:
         mem[page] = now
-    elif mem.get(page):
-        for k, v in mem[page].items():
-            st.query_params[k] = v
+    elif mem.get(page) and page in PAGES:
+        # a navigation, not a parameter write: written during a page change, parameters land on the history
+        # entry being left
+        st.switch_page(PAGES[page], query_params=link_params(**mem[page]))
 
 
 def link_params(**values: Any) -> dict[str, str]:
