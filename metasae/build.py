@@ -57,7 +57,7 @@ class BuildConfig:
     hook: str = "blocks.15.hook_resid_pre"
     ctx_len: int = 128
     n_tokens: int = 3_000_000
-    widths: list[int] = field(default_factory=lambda: [1152, 2304, 4608, 9216])
+    widths: list[int] = field(default_factory=lambda: [576, 1152, 2304, 4608])
     import_release: str | None = None  # sae-lens release (or folder of width subfolders) instead of training
     import_ids: list[str] | None = None
     architecture: str = "batchtopk"

@@ -223,7 +223,7 @@ def ce_with_reconstruction(lm, hook: str, tokens: torch.Tensor, recon_fn: Callab
 
 
 def ladder_widths(d_model: int, n: int, start_mult: int = 2) -> list[int]:
-    """Widths d·start_mult·2^i, i < n (the demo: 576·2 = 1152, 2304, 4608, 9216)."""
+    """Widths d·start_mult·2^i, i < n (the first demo atlas: 576·2 = 1152 .. 9216; the current one starts at 576)."""
     return [d_model * start_mult * 2**i for i in range(n)]
 
 
