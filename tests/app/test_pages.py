@@ -126,7 +126,7 @@ def test_meta_latent_page(synthetic_atlas, run_page):
     assert "science" in text
     lk = links(at)
     # the planted members, with their weights
-    members = at.dataframe[0].value
+    members = next(d.value for d in at.dataframe if "weight" in d.value.columns)  # the member table
     weight = {(int(w), int(i)): round(float(x), 4)
               for w, i, x in zip(members["sae_width"], members["latent"], members["weight"], strict=True)}
     assert weight[(128, 7)] == 0.5 and weight[(256, 42)] == 0.4 and weight[(64, 2)] == 0.6
@@ -139,7 +139,7 @@ def test_meta_latent_page(synthetic_atlas, run_page):
 
 def test_meta_latent_width_filter_and_bad_urls(synthetic_atlas, run_page):
     at = run_page(synthetic_atlas, "meta_latent", meta="3", mw="128")
-    assert set(at.dataframe[0].value["sae_width"]) == {128}
+    assert set(next(d.value for d in at.dataframe if "weight" in d.value.columns)["sae_width"]) == {128}
     for bad, message in [("9999", "Meta-latent 9999 is not in this atlas"), ("x'--", "is not a whole number")]:
         at = run_page(synthetic_atlas, "meta_latent", meta=bad)
         assert message in at.error[0].value
