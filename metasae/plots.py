@@ -103,14 +103,15 @@ def novel_fraction_figure(pairs: pd.DataFrame, paper: float = 0.35, seed_mismatc
         if len(pairs) and col in pairs and pd.to_numeric(pairs[col], errors="coerce").notna().any():
             y = pd.to_numeric(pairs[col], errors="coerce")
             fig.add_trace(go.Bar(x=pairs["pair"], y=y, marker_color=color, name=name,
-                                 text=[f"{v:.0%}" if v == v else "" for v in y], textposition="outside",
+                                 text=[f"{v:.0%}" if v == v else "" for v in y], textposition="inside",
+                                 insidetextanchor="middle", textfont=dict(color="white"),
                                  hovertemplate="%{x}: %{y:.1%} " + name + "<extra></extra>"))
     fig.add_hline(y=paper, line_dash="dot", line_color="#555",
-                  annotation_text=f"paper (GPT-2): ~{paper:.0%}", annotation_position="bottom left")
+                  annotation_text=f"paper (GPT-2): ~{paper:.0%}", annotation_position="top left")
     if seed_mismatch is not None:
         fig.add_hline(y=seed_mismatch, line_dash="dash", line_color="#8e44ad",
                       annotation_text=f"two seeds, same width: {seed_mismatch:.0%} unmatched",
-                      annotation_position="top right")
+                      annotation_position="top right", annotation_yshift=14)
     fig.update_xaxes(type="category", title="pair (small→large)")
     fig.update_layout(legend=dict(orientation="h", y=-0.3))
     return fig

@@ -298,7 +298,7 @@ LINK_COLUMN = {"open": st.column_config.LinkColumn("open", display_text="open â†
 def table(df: pd.DataFrame, name: str, column_config: dict[str, Any] | None = None, **kw: Any) -> None:
     """A table with CSV and Parquet downloads of exactly what it shows (missing values drawn as â€”)."""
     st.dataframe(views.styled(df, column_config), hide_index=True, column_config=column_config, **kw)
-    c1, c2, _ = st.columns([1, 1, 8])
+    c1, c2, _ = st.columns([1, 1.4, 6])
     c1.download_button("CSV", data=lambda: views.to_csv(df), file_name=f"{name}.csv", mime="text/csv",
                        key=f"dl-csv-{name}", on_click="ignore", icon=":material/download:")
     c2.download_button("Parquet", data=lambda: views.to_parquet(df), file_name=f"{name}.parquet",

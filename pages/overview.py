@@ -21,9 +21,10 @@ cols[0].metric("Corpus tokens", views.fmt(facts["n_tokens"]))
 cols[1].metric("SAE widths", len(facts["widths"]), help=", ".join(map(str, facts["widths"])))
 cols[2].metric("Latents", views.fmt(facts["n_latents"]), help="over all widths")
 cols[3].metric("Meta-latents", views.fmt(facts["meta_width"]), help=f"k = {facts['meta_k']}")
-cols[4].metric("Meta-SAE explains",
-               "—" if found["meta_var_explained"] is None else f"{found['meta_var_explained']:.0%}",
-               help="variance of the decoder rows the meta-SAE explains, 1 − FVU (paper: about half)")
+explained = found["meta_heldout_explained"] if found["meta_heldout_explained"] is not None else found["meta_var_explained"]
+cols[4].metric("Meta-SAE explains", "—" if explained is None else f"{explained:.0%}",
+               help=("variance of held-out decoder rows" if found["meta_heldout_explained"] is not None else
+                     "variance of the decoder rows") + " the meta-SAE explains, 1 − FVU (paper: about half)")
 
 notes = views.paper_notes(atlas)
 example = views.showcase(atlas, "person") or views.showcase(atlas)
