@@ -4,7 +4,8 @@
     python scripts/openapi.py --check    # exit 1 when docs/openapi.json differs from what the code generates
 
 The document is FastAPI's, generated from the pydantic models (metasae.backend.schemas) for the atlas's widths,
-d_model and ctx_len; tests/backend/test_openapi.py fails when the committed file drifts.
+d_model and ctx_len; tests/backend/test_openapi.py fails when the committed file drifts, so a rebuild of data/
+that changes those (or a change to a route) is committed with this script's output.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--check", action="store_true", help="compare instead of writing")
     a = p.parse_args(argv)
+    if not (a.atlas / "manifest.json").is_file():  # else the contract would silently lose the atlas's enums
+        print(f"{a.atlas}: no manifest.json (no atlas there)", file=sys.stderr)
+        return 2
     text = render(a.atlas)
     if a.check:
         same = a.out.is_file() and a.out.read_text(encoding="utf-8") == text
