@@ -82,7 +82,7 @@ c2.selectbox("SAE width", atlas.widths, key="lv_tw", on_change=ui.to_url("lv_tw"
 
 MODES = {"top": "Top latents per token", "one": "One latent over the text"}
 tmode = ui.param("tmode") if ui.param("tmode") in MODES else "top"
-f1, f2, f3 = st.columns([2, 2, 3])
+f1, f2, f3 = st.columns([3, 2, 2])  # the mode buttons need room for their labels
 ui.bind("lv_tmode", tmode)
 f1.segmented_control("Show", list(MODES), key="lv_tmode", format_func=MODES.get, required=True,
                      on_change=ui.to_url("lv_tmode", "tmode", default="top"))
