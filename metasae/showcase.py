@@ -12,12 +12,13 @@ import re
 import numpy as np
 import pandas as pd
 
-PERSON = frozenset(["einstein", "newton", "darwin", "galileo", "kepler", "copernicus", "faraday", "maxwell", "curie", "pasteur", "freud", "edison", "tesla", "bohr", "planck", "euler", "gauss", "leibniz", "descartes", "pascal", "napoleon", "lincoln", "washington", "jefferson", "churchill", "roosevelt", "bismarck", "caesar", "lenin", "stalin", "marx", "shakespeare", "goethe", "mozart", "beethoven", "bach", "wagner", "luther", "aristotle", "plato", "socrates", "kant", "hegel", "nietzsche", "dante", "milton", "dickens", "voltaire", "rousseau", "physicist", "chemist", "statesman", "mathematician", "philosopher", "astronomer", "poet", "composer", "painter", "novelist", "dramatist", "scientist", "biologist", "inventor", "sculptor", "economist", "politician", "president", "emperor", "king", "queen"])
+FAMOUS = frozenset(["einstein", "newton", "darwin", "galileo", "kepler", "copernicus", "faraday", "maxwell", "curie", "pasteur", "freud", "edison", "tesla", "bohr", "planck", "euler", "gauss", "leibniz", "descartes", "pascal", "napoleon", "lincoln", "washington", "jefferson", "churchill", "roosevelt", "bismarck", "caesar", "lenin", "stalin", "marx", "shakespeare", "goethe", "mozart", "beethoven", "bach", "wagner", "luther", "aristotle", "plato", "socrates", "kant", "hegel", "nietzsche", "dante", "milton", "dickens", "voltaire", "rousseau"])
+PERSON = FAMOUS | frozenset(["physicist", "chemist", "statesman", "mathematician", "philosopher", "astronomer", "poet", "composer", "painter", "novelist", "dramatist", "scientist", "biologist", "inventor", "sculptor", "economist", "politician", "president", "emperor", "king", "queen"])
 NATIONALITY = frozenset(["german", "germany", "french", "france", "english", "england", "british", "britain", "italian", "italy", "spanish", "spain", "russian", "russia", "american", "america", "dutch", "netherlands", "greek", "greece", "roman", "rome", "chinese", "china", "japanese", "japan", "austrian", "austria", "swiss", "switzerland", "swedish", "sweden", "polish", "poland", "scottish", "scotland", "irish", "ireland", "indian", "india", "egyptian", "egypt", "belgian", "belgium", "danish", "denmark", "norwegian", "norway", "portuguese", "portugal", "hungarian", "hungary", "czech", "canadian", "canada", "australian", "australia", "prussian", "prussia"])
 SCIENCE = frozenset(["physics", "chemistry", "biology", "mathematics", "science", "sciences", "scientific", "astronomy", "geology", "physicist", "chemist", "biologist", "mathematician", "scientist", "scientists", "theory", "quantum", "relativity", "thermodynamics", "mechanics", "optics", "genetics", "botany", "zoology", "physiology"])
 ROLES: dict[str, frozenset[str]] = {"person": PERSON, "nationality": NATIONALITY, "science": SCIENCE}
 # what the paper's Einstein meta-latents group: scientists and statesmen
-SCIENTIST_OR_STATESMAN = frozenset(["physicist", "chemist", "statesman", "scientist", "mathematician", "astronomer", "biologist", "president", "politician", "philosopher", "inventor", "economist"])
+SCIENTIST_OR_STATESMAN = frozenset(["physicist", "chemist", "statesman", "scientist", "mathematician", "astronomer", "biologist", "naturalist", "geologist", "botanist", "zoologist", "physiologist", "physician", "inventor", "economist", "philosopher", "president", "politician", "minister", "chancellor", "senator", "governor", "diplomat", "premier", "emperor", "king"])
 
 _WORD = re.compile(r"[a-z]+")
 
@@ -48,6 +49,11 @@ def choose(latents: pd.DataFrame, min_density: float = 1e-4) -> list[dict]:
         if live.empty:
             break
         score = live.top_tokens.map(lambda t, w=words: role_score(t, w)).to_numpy()
+        if role == "person":
+            # a named famous person (the paper's "Einstein") beats a latent for an occupation or title
+            named = live.top_tokens.map(lambda t: role_score(t, FAMOUS)).to_numpy()
+            if named.max() > 0:
+                score = named
         order = np.lexsort((-live.density.to_numpy(), -live.sae_width.to_numpy(), -score))
         best = live.iloc[order[0]]
         if score[order[0]] <= 0:

@@ -31,10 +31,26 @@ def test_bundled_atlas_is_the_demo_preset(bundled):
     m = bundled.manifest
     assert m["build"]["preset"] == "demo" and m["model"]["hook"] == "blocks.15.hook_resid_pre"
     assert "SmolLM2" in m["model"]["name"] and m["model"]["d_model"] == 576
-    assert bundled.widths == [1152, 2304, 4608, 9216]
-    # 3,000,000 tokens asked, cut into whole 128-token contexts: 23,437 of them
-    assert m["corpus"]["n_tokens"] > 3_000_000 - m["corpus"]["ctx_len"]
-    assert m["meta_sae"]["k"] == 4
+    assert bundled.widths == [576, 1152, 2304, 4608]
+    # 1,998,848 tokens: 61 whole shards of 256 contexts of 128 tokens
+    assert m["corpus"]["n_tokens"] == 1_998_848
+    assert m["meta_sae"]["k"] == 4 and m["meta_sae"]["width"] == 1152
+
+
+def test_bundled_atlas_carries_its_baselines_and_showcase(bundled):
+    """The numbers issue 10 asks for are in the manifest, each beside its baseline, and the showcase exists."""
+    m = bundled.manifest
+    base = m["stitching"]["seed_baseline"]
+    assert base["width"] == 576 and 0 <= base["mismatch_frac"] <= 1 and 0 <= base["novel_frac_functional"] <= 1
+    for p in m["stitching"]["pairs"]:
+        assert 0 <= p["novel_frac_functional"] <= 1 and 0 <= p["novel_frac_cos_live"] <= 1
+        assert 0 <= p["monotone_frac"] <= 1
+    ms = m["meta_sae"]
+    assert ms["random_heldout_fvu"] > ms["heldout_fvu"]  # the meta-SAE beats random directions on held-out rows
+    assert {s["role"] for s in m["showcase"]} == {"person", "nationality", "science"}
+    for s in m["showcase"]:
+        assert bundled.latent(s["width"], s["latent"])["label"] == s["label"]
+        assert len(s["seeds"]) == 3
     assert sum((DATA / rel).stat().st_size for rel in m["files"]) < 100 * 2**20  # the issue's budget for git
 
 
