@@ -243,6 +243,10 @@ def meta_latent_table(meta: Sae, decomp: pd.DataFrame, latents: pd.DataFrame, bo
 
     lab = latents.set_index(["sae_width", "latent"])
     d = decomp.join(lab[["label", "top_tokens"]], on=["sae_width", "latent"])
+    # a member's purity: the share of its decomposition this meta-latent holds. Labels come from the purest
+    # members: on the demo atlas a "0 / 1" digit latent split over many meta-latents was the heaviest member of
+    # hundreds of them and put "0/1" in front of their labels
+    d["purity"] = d.weight / d.groupby(["sae_width", "latent"]).weight.transform("sum")
     n_lat = len(latents)
     rows = []
     by_meta = dict(tuple(d.groupby("meta_latent")))
@@ -259,7 +263,8 @@ def meta_latent_table(meta: Sae, decomp: pd.DataFrame, latents: pd.DataFrame, bo
         for tt, w in zip(mem.top_tokens.to_numpy()[:50], mem.weight.to_numpy()[:50], strict=True):
             for t in list(tt)[:3]:
                 toks[t] = toks.get(t, 0.0) + float(w)
-        rows.append({"meta_latent": m, "label": label_meta_from_members(mem.label.tolist(), mem.weight.tolist()),
+        rows.append({"meta_latent": m, "label": label_meta_from_members(mem.label.tolist(),
+                                                                         (mem.purity * mem.weight).tolist()),
                      "n_members": len(mem), "density": len(mem) / n_lat,
                      "top_tokens": [t for t, _ in sorted(toks.items(), key=lambda p: -p[1])[:10]],
                      "top_logits": boosted[m], "hist_counts": counts.astype(np.int32),

@@ -238,6 +238,9 @@ def label_meta_from_members(member_labels: list[str], weights: list[float], n: i
         if not lab or lab == DEAD_LABEL:
             continue
         short = "/".join(x.strip() for x in lab.split(" [→")[0].split(" / ")[:parts])
+        # digit/punctuation members ("0/1": on the demo atlas in most meta-latents) name nothing a reader can use
+        if not any(ch.isalpha() for ch in short):
+            continue
         if short and short not in picked:
             picked.append(short)
         if len(picked) == n:

@@ -85,9 +85,9 @@ def test_decomposability_matches_a_hand_computation(make_sae, planted_and_random
 
 
 def test_meta_label_reads_the_strongest_live_members() -> None:
-    labels = ["of / the / and", "developed / pioneered / discovered [→ new]", DEAD_LABEL,
+    labels = ["of / the / and", "0 / 1 / 9", "developed / pioneered / discovered [→ new]", DEAD_LABEL,
               "statesman / physicist / chemist", "who / whose"]
-    weights = [0.1, 0.9, 0.95, 0.5, 0.3]
+    weights = [0.1, 0.99, 0.9, 0.95, 0.5, 0.3]
     assert label_meta_from_members(labels, weights) == "developed/pioneered | statesman/physicist | who/whose"
     assert label_meta_from_members([DEAD_LABEL], [1.0]) == "(no live members)"
 
