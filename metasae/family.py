@@ -216,6 +216,7 @@ def per_width_figure(near: pd.DataFrame, title: str = "Best decoder cosine in ea
     fig = go.Figure(go.Bar(x=[str(int(w)) for w in top.sae_width], y=top.cos,
                            text=[f"latent {int(i)}" for i in top.latent], textposition="outside",
                            hovertemplate="width %{x}: cos %{y:.3f}<extra></extra>"))
-    fig.update_layout(title=title, height=300, xaxis_title="width", yaxis={"title": "cos", "range": [0, 1.1]},
+    fig.update_layout(title=title, height=300, xaxis={"title": "width", "type": "category"},
+                      yaxis={"title": "cos", "range": [0, 1.1]},
                       margin={"l": 50, "r": 10, "t": 50, "b": 40})
     return fig
