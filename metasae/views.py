@@ -839,6 +839,10 @@ def load_progress(health: dict[str, Any], widths: list[int]) -> tuple[float, str
     loaded = health.get("loaded") or {}
     if health.get("status") == "error" or loaded.get("model"):
         return None
+    if not health.get("loading"):
+        # nothing is loading (a backend started without preloading): it loads on the first request, so ask it
+        # rather than wait for a background load that will never come
+        return None
     have = ["meta-SAE"] if loaded.get("meta_sae") else []
     have += [f"SAE {w}" for w in loaded.get("saes") or []]
     total = len(widths) + 2  # meta-SAE, every SAE, the language model (the backend's preload order)
