@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import time
 
 import pytest
 from backend_fakes import fake_env
@@ -109,8 +110,11 @@ def test_local_backend_killed_during_a_job_then_a_retry_works(monkeypatch, tiny_
         assert get_backend() is b  # reused
         assert proc.token and b.health()["auth"] is True  # a private random token protects it
         job_id = b.start_stitch(64, 128, text="k" * 32 * 100)["job_id"]  # 10 s in the fake evaluator
-        while b.job(job_id)["progress"] < 0.1:
-            pass
+        deadline = time.monotonic() + 120  # bounded: a job that failed or never starts must not hang the suite
+        while (j := b.job(job_id))["progress"] < 0.1:
+            assert j["status"] in ("queued", "running"), j
+            assert time.monotonic() < deadline, f"the job made no progress in 120 s: {j}"
+            time.sleep(0.05)
         proc.kill()  # SIGKILL: what a crash or an OOM-killer looks like
         with pytest.raises(BackendError, match="cannot reach the metasae backend") as e:
             b.job(job_id)
