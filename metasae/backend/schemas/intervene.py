@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, create_model
 
@@ -45,7 +45,7 @@ def intervene_body(spec: AtlasSpec) -> Any:
         positions=(Literal["all", "fires"], Field("all", description="edit every token (but the first), or the "
                                                                     "tokens where fire_latent fires")),
         fire_latent=(NonNegInt | None, Field(None, description="positions=fires: this latent (default: latent)")),
-        targets=(list[str], Field([], max_length=MAX_TARGETS,
+        targets=(list[Annotated[str, Field(min_length=1, max_length=100)]], Field([], max_length=MAX_TARGETS,
                                   description="tokens to watch, e.g. ' Germany' (each one's first token)")),
         top_k=(int, Field(10, ge=1, le=50, strict=True, description="most likely next tokens to list")),
         max_new_tokens=(int, Field(0, ge=0, le=MAX_NEW_TOKENS, strict=True,
