@@ -360,6 +360,13 @@ def _differences(atlas: Atlas, m: dict, bcfg: dict, ms: dict) -> list[str]:
         "meta-latent it would memorise (the random-row control says how much it does).",
         "- ΔCE is measured on a few thousand evaluation tokens; attribution ΔCE is stored for every latent and the "
         "exact value for a sample per pair (see the Spearman column).",
+        "",
+        "## Intervention lab (issue 12)",
+        "",
+        "The knowledge-editing evaluation (latent vs meta-latent edits on WordNet people, its table and a worked "
+        "example),",
+        "the decomposability score and the ladder-wide neighbours are in [intervention.md](intervention.md)",
+        "(`scripts/intervention_eval.py` writes its table).",
     ]
 
 
