@@ -121,6 +121,9 @@ class ActivationStore:
         bar = tqdm(total=len(todo) * shard_ctx * tokens.shape[1], desc=f"activations {hook}", unit="tok",
                    unit_scale=True, disable=not progress or not todo)
         for i in todo:
+            # a killed build's half-written temp files of this shard (any process's) go before it is redone
+            for stale in root.glob(f"{store.shard_path(i).name}*.tmp"):
+                stale.unlink(missing_ok=True)
             lo, hi = i * shard_ctx, min((i + 1) * shard_ctx, store.n_ctx)
             parts = []
             for b in range(lo, hi, batch_ctx):

@@ -826,8 +826,10 @@ def warm_backend(atlas: Atlas, env: dict[str, str] | None = None) -> bool:
     env = os.environ if env is None else env
     if env.get("METASAE_BACKEND_URL") or env.get(WARM_ENV, "1") == "0" or atlas.manifest.get("synthetic"):
         return False
-    os.environ.setdefault("METASAE_PRELOAD", "1")  # read by the backend subprocess at its start
-    threading.Thread(target=get_backend, args=(str(atlas.path),), name="metasae-warm-backend", daemon=True).start()
+    # preload only this backend: setting METASAE_PRELOAD in our own environment would reach every backend
+    # started later by this process (tests start many)
+    threading.Thread(target=get_backend, args=(str(atlas.path),), kwargs={"preload": True},
+                     name="metasae-warm-backend", daemon=True).start()
     return True
 
 

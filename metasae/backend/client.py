@@ -275,8 +275,10 @@ def stop_local_backend() -> None:
             _local = None
 
 
-def get_backend(atlas: str | os.PathLike | None = None, start_timeout: float = 90.0) -> HttpBackend:
-    """The backend to use: METASAE_BACKEND_URL if set, else one local subprocess (started on first need)."""
+def get_backend(atlas: str | os.PathLike | None = None, start_timeout: float = 90.0,
+                preload: bool = False) -> HttpBackend:
+    """The backend to use: METASAE_BACKEND_URL if set, else one local subprocess (started on first need;
+    `preload` makes a newly started one load its model and SAEs at once instead of on the first request)."""
     global _local, _atexit_registered
     url = os.environ.get("METASAE_BACKEND_URL", "").strip()
     if url:
@@ -295,7 +297,8 @@ def get_backend(atlas: str | os.PathLike | None = None, start_timeout: float = 9
             if not _atexit_registered:
                 atexit.register(stop_local_backend)
                 _atexit_registered = True
-            proc = LocalBackendProcess(atlas, token=secrets.token_urlsafe(24))
+            proc = LocalBackendProcess(atlas, token=secrets.token_urlsafe(24),
+                                       env={"METASAE_PRELOAD": "1"} if preload else None)
             proc.wait_ready(start_timeout)
             _local = proc
         return _local.client

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -185,11 +187,12 @@ def test_background_loading_progress_and_warm_start(atlas, monkeypatch):
     import threading
 
     called = threading.Event()
-    monkeypatch.setattr(views, "get_backend", lambda path: called.set())
+    monkeypatch.setattr(views, "get_backend", lambda path, preload=False: preload and called.set())
     real = type("A", (), {"manifest": {}, "path": atlas.path})()
     assert not views.warm_backend(real, env={"METASAE_BACKEND_URL": "http://gpu:8000"})
     assert not views.warm_backend(real, env={"METASAE_WARM_BACKEND": "0"})
-    assert views.warm_backend(real, env={}) and called.wait(5)
+    assert views.warm_backend(real, env={}) and called.wait(5)  # started, asked to preload
+    assert "METASAE_PRELOAD" not in os.environ  # only that backend preloads, not every later one
 
 
 def test_table_downloads_and_missing_values():

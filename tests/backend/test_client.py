@@ -23,6 +23,14 @@ def be(main_server):
         yield b
 
 
+
+@pytest.fixture(autouse=True)
+def no_local_backend_from_earlier_tests():
+    """The app starts its own local backend when it opens an atlas (app tests run first in the same process):
+    these tests count on starting, finding or killing theirs, so each begins without one."""
+    stop_local_backend()
+    yield
+
 def test_http_backend_has_the_protocol_methods():
     for name, member in inspect.getmembers(Backend, inspect.isfunction):
         if name.startswith("_"):
