@@ -310,7 +310,7 @@ def stage_stats(ctx) -> None:
         if lat_path.is_file() and ex_path.is_file():
             continue
         s = stt.latent_stats(sae, ctx_chunks(), k=32, n_tokens=n_ctx * (store.ctx_len - 1),
-                             progress=ctx["progress"], desc=f"stats {sae.width}")
+                             progress=ctx["progress"], desc=f"stats {sae.width}", max_norm_ratio=cfg.max_norm_ratio)
         ex = stt.example_rows(sae, s, ctx_acts, tokens, decode, cfg.n_examples, cfg.example_window, sae.width)
         top_ids = stt.top_tokens(s, tokens)
         top_str = [[decode([i])[0] for i in row] for row in top_ids]

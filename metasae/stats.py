@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from metasae.activations import keep_rows
 from metasae.atlas import DEAD_LABEL
 from metasae.sae import Sae
 
@@ -53,8 +54,13 @@ def _edges(sample: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def latent_stats(sae: Sae, chunks: Iterator[tuple[int, torch.Tensor]], k: int = 32, n_tokens: int | None = None,
-                 progress: bool = True, desc: str = "stats") -> LatentStats:
-    """One pass over (first context index, acts (n_ctx, T, d)) chunks; position 0 is skipped."""
+                 progress: bool = True, desc: str = "stats", max_norm_ratio: float | None = None) -> LatentStats:
+    """One pass over (first context index, acts (n_ctx, T, d)) chunks; position 0 is skipped.
+
+    `max_norm_ratio` leaves out the tokens the SAEs were trained without (norm above that multiple of the
+    batch's median: attention sinks). Kept in, the demo's few sinks fire ~400 of 576 latents at ~100x their usual
+    activation, so they became nearly every latent's top example and its label ("0 / 1 / 9").
+    """
     w = sae.width
     count = torch.zeros(w, dtype=torch.float64)
     total = torch.zeros(w, dtype=torch.float64)
@@ -70,7 +76,13 @@ def latent_stats(sae: Sae, chunks: Iterator[tuple[int, torch.Tensor]], k: int = 
         for b in range(0, acts.shape[0], 16):
             x = acts[b:b + 16, 1:].float()
             n_ctx, T1, d = x.shape
-            a = sae.encode(x.reshape(-1, d))  # (n_ctx*T1, w)
+            flat = x.reshape(-1, d)
+            a = sae.encode(flat)  # (n_ctx*T1, w)
+            kept = n_ctx * T1
+            if max_norm_ratio is not None:
+                keep = keep_rows(flat, max_norm_ratio)
+                a[~keep] = 0
+                kept = int(keep.sum())
             if edges is None:
                 edges = _edges(a)
             active = a > 0
@@ -87,7 +99,7 @@ def latent_stats(sae: Sae, chunks: Iterator[tuple[int, torch.Tensor]], k: int = 
             kk = min(k, cand_val.shape[0])
             top_val, sel = cand_val.topk(kk, dim=0)
             top_ctx, top_pos = cand_ctx.gather(0, sel), cand_pos.gather(0, sel)
-            seen += n_ctx * T1
+            seen += kept
             bar.update(n_ctx * T1)
     bar.close()
     if seen == 0:
