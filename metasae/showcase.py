@@ -16,9 +16,15 @@ FAMOUS = frozenset(["einstein", "newton", "darwin", "galileo", "kepler", "copern
 PERSON = FAMOUS | frozenset(["physicist", "chemist", "statesman", "mathematician", "philosopher", "astronomer", "poet", "composer", "painter", "novelist", "dramatist", "scientist", "biologist", "inventor", "sculptor", "economist", "politician", "president", "emperor", "king", "queen"])
 NATIONALITY = frozenset(["german", "germany", "french", "france", "english", "england", "british", "britain", "italian", "italy", "spanish", "spain", "russian", "russia", "american", "america", "dutch", "netherlands", "greek", "greece", "roman", "rome", "chinese", "china", "japanese", "japan", "austrian", "austria", "swiss", "switzerland", "swedish", "sweden", "polish", "poland", "scottish", "scotland", "irish", "ireland", "indian", "india", "egyptian", "egypt", "belgian", "belgium", "danish", "denmark", "norwegian", "norway", "portuguese", "portugal", "hungarian", "hungary", "czech", "canadian", "canada", "australian", "australia", "prussian", "prussia"])
 SCIENCE = frozenset(["physics", "chemistry", "biology", "mathematics", "science", "sciences", "scientific", "astronomy", "geology", "physicist", "chemist", "biologist", "mathematician", "scientist", "scientists", "theory", "quantum", "relativity", "thermodynamics", "mechanics", "optics", "genetics", "botany", "zoology", "physiology"])
+GERMAN = frozenset(["german", "germany", "germans"])
 ROLES: dict[str, frozenset[str]] = {"person": PERSON, "nationality": NATIONALITY, "science": SCIENCE}
 # what the paper's Einstein meta-latents group: scientists and statesmen
 SCIENTIST_OR_STATESMAN = frozenset(["physicist", "chemist", "statesman", "scientist", "mathematician", "astronomer", "biologist", "naturalist", "geologist", "botanist", "zoologist", "physiologist", "physician", "inventor", "economist", "philosopher", "president", "politician", "minister", "chancellor", "senator", "governor", "diplomat", "premier", "emperor", "king"])
+
+# the famous names above that are scientists or statesmen (not the writers, composers and painters)
+NAMED_SCIENTIST_OR_STATESMAN = FAMOUS - frozenset(["shakespeare", "goethe", "mozart", "beethoven", "bach", "wagner",
+                                                    "luther", "dante", "milton", "dickens", "voltaire", "rousseau"])
+_SCI_OR_STATES = SCIENTIST_OR_STATESMAN | NAMED_SCIENTIST_OR_STATESMAN
 
 _WORD = re.compile(r"[a-z]+")
 
@@ -54,6 +60,11 @@ def choose(latents: pd.DataFrame, min_density: float = 1e-4) -> list[dict]:
             named = live.top_tokens.map(lambda t: role_score(t, FAMOUS)).to_numpy()
             if named.max() > 0:
                 score = named
+        if role == "nationality":
+            # the paper's example is German: among nationality latents, one that fires on German/Germany first
+            german = live.top_tokens.map(lambda t: role_score(t, GERMAN)).to_numpy()
+            if german.max() > 0:
+                score = np.where(german > 0, score, 0.0)
         order = np.lexsort((-live.density.to_numpy(), -live.sae_width.to_numpy(), -score))
         best = live.iloc[order[0]]
         if score[order[0]] <= 0:
@@ -80,7 +91,9 @@ def check(pick: dict, decomps: list[pd.DataFrame], latents: pd.DataFrame) -> dic
             members = d[(d.meta_latent == m) & ~((d.sae_width == pick["width"]) & (d.latent == pick["latent"]))]
             words = [set(_words(top.get((w, j), [])[:8])) for w, j in zip(members.sae_width, members.latent,
                                                                           strict=True)]
-            best_sci = max(best_sci, sum(1 for ws in words if ws & SCIENTIST_OR_STATESMAN))
-            german = german or any(ws & {"german", "germany"} for ws in words)
+            # a member counts when its top tokens hold the occupation ("physicist") or a famous scientist's or
+            # statesman's name ("Newton", "Lincoln")
+            best_sci = max(best_sci, sum(1 for ws in words if ws & _SCI_OR_STATES))
+            german = german or any(ws & GERMAN for ws in words)
         out.append({"meta_latents": mine.meta_latent.tolist(), "scientist_members": best_sci, "german_member": german})
     return {**pick, "seeds": out}

@@ -124,3 +124,16 @@ def test_showcase_is_chosen_by_top_tokens() -> None:
     assert chk["seeds"][0]["meta_latents"] == [3]
     assert chk["seeds"][0]["german_member"] is True  # 16/0 ("Germany") shares meta-latent 3
     assert chk["seeds"][0]["scientist_members"] == 0  # "physics"/"chemistry" are sciences, not scientists
+
+
+def test_showcase_prefers_german_and_counts_named_statesmen() -> None:
+    lat = pd.DataFrame({
+        "sae_width": [8, 8, 8, 8, 8], "latent": [0, 1, 2, 3, 4], "density": 0.01, "label": list("abcde"),
+        "top_tokens": [[" French", " France"], [" German", " the", " of", " a"], [" Lincoln", " Jefferson"],
+                       [" Newton", " Leibniz"], [" Mozart", " Bach"]],
+    })
+    picks = {p["role"]: p for p in showcase.choose(lat)}
+    assert (picks["nationality"]["width"], picks["nationality"]["latent"]) == (8, 1)  # German beats a purer French
+    d = pd.DataFrame({"sae_width": 8, "latent": [2, 3, 4, 0], "meta_latent": 7, "weight": 1.0, "rank": 0})
+    chk = showcase.check({"width": 8, "latent": 0}, [d], lat)
+    assert chk["seeds"][0]["scientist_members"] == 2  # Lincoln/Jefferson and Newton/Leibniz; not Mozart/Bach
