@@ -83,3 +83,26 @@ def slot_shares(sae: Sae, acts: torch.Tensor, chunk: int = 8192) -> dict[str, fl
             "n_dense": int((density > 0.1).sum()), "n_always_on": int((density > 0.9).sum()),
             "always_on_share": float(slots[density > 0.9].sum() / total),
             "dense_share": float(slots[density > 0.1].sum() / total)}
+
+
+def family_match(m: st.Match) -> st.Match:
+    """Coarser groups for a baseline: every small latent with all the large latents nearest to it (its family).
+
+    Small latents that are no large latent's nearest join the family of their own nearest large latent. If even
+    whole families raise MSE when swapped alone, the larger SAE's gain comes from its latents together, and no
+    order of groups gives a monotone stitching curve.
+    """
+    from dataclasses import replace
+
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    S, L = m.n_small, m.n_large
+    parent = np.asarray(m.nearest_small)
+    orphan = np.setdiff1d(np.arange(S), parent)
+    rows = np.concatenate([parent, orphan])
+    cols = np.concatenate([S + np.arange(L), S + np.asarray(m.nearest_large)[orphan]])
+    n = S + L
+    k, labels = connected_components(coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n)), directed=False)
+    _, first = np.unique(labels, return_index=True)
+    return replace(m, group=np.argsort(np.argsort(first))[labels].astype(np.int64), n_groups=int(k))

@@ -127,6 +127,8 @@ def targets(m: dict) -> list[tuple[str, str, str, bool | None]]:
     func = [p.get("novel_frac_functional") for p in pairs]
     cos = [p.get("novel_frac_cos_live") for p in pairs]
     mono = [p.get("monotone_frac") for p in pairs]
+    alone = [p.get("groups_help_alone") for p in pairs]
+    fams = [p.get("families_help_alone") for p in pairs]
     shares = [s.get("always_on_share") for s in m["saes"]]
     tr, ho, rnd = (1 - ms.get(k, float("nan")) for k in ("train_fvu", "heldout_fvu", "random_heldout_fvu"))
     sc = {p["role"]: p for p in m.get("showcase") or []}
@@ -153,7 +155,10 @@ def targets(m: dict) -> list[tuple[str, str, str, bool | None]]:
          len(person) >= 3 and all(s["scientist_members"] >= 3 for s in person)),
         ("nationality showcase: a meta-latent with Germany/German among its members, per meta seed", "3 of 3 seeds",
          f"{sum(s['german_member'] for s in nat)} of {len(nat)}", len(nat) >= 3 and all(s["german_member"] for s in nat)),
-        ("stitching curves: steps where MSE does not rise", ">= 90%", " / ".join(map(_pct, mono)), ok(mono, .9)),
+        ("stitching curves: steps where MSE does not rise", ">= 90%",
+         " / ".join(map(_pct, mono)) + (f" (groups that lower MSE alone: {' / '.join(map(_pct, alone))}; "
+                                        f"whole families: {' / '.join(map(_pct, fams))})"
+                                        if any(a is not None for a in alone) else ""), ok(mono, .9)),
     ]
 
 
@@ -245,16 +250,17 @@ def write_report(atlas_path: str | Path, out_dir: str | Path) -> Path:
         f"two SAEs of the same width ({base.get('width', '—')}) trained with different seeds.",
         "",
         "| pair | live latents | **novel (functional)** | novel (cosine proxy) | cosine-novel that help | "
-        "cosine-matched that help | MSE does not rise along the path | attribution vs exact ΔCE (Spearman: all "
+        "cosine-matched that help | MSE does not rise along the path | groups that lower MSE alone | attribution vs exact ΔCE (Spearman: all "
         "/ \\|ΔCE\\| < 0.05) | paper |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         *[f"| {p['small']}→{p['large']} | {p.get('n_live_large', '—')} | **{_pct(p.get('novel_frac_functional'))}** | "
           f"{_pct(p.get('novel_frac_cos_live'))} | {_pct(p.get('cos_novel_that_help'))} | "
           f"{_pct(p.get('cos_recon_that_help'))} | {_pct(p.get('monotone_frac'))} | "
+          f"{_pct(p.get('groups_help_alone'))} | "
           f"{p.get('attr_spearman', float('nan')):.2f} / {d['spearman_small']:.2f} (n={d['n_small']}) | "
           f"{PAPER['novel_frac']} |" for p, d in zip(pair_rows, details, strict=True)],
         f"| same width, other seed ({base.get('width', '—')}) | {base.get('n_live', '—')} | "
-        f"**{_pct(base.get('novel_frac_functional'))}** | {_pct(base.get('mismatch_frac'))} | | | | | "
+        f"**{_pct(base.get('novel_frac_functional'))}** | {_pct(base.get('mismatch_frac'))} | | | | | | "
         "converged seeds: ~0% |",
         "",
         _seed_sentence(pair_rows, base),

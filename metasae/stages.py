@@ -204,6 +204,7 @@ def _stitch_pair(ctx, small: Sae, large: Sae) -> None:
     sp = st.sparse_acts(small, large, _eval_acts(ctx))
     d_lat = st.latent_delta_mse(small, large, sp).numpy()
     d_grp = st.group_delta_mse(small, large, m, sp).numpy()
+    fam = novelty.family_match(m)
     lm = _lm(ctx)
     tokens = ctx["store"].tokens()[: min(n_eval_ctx(cfg), cfg.ce_ctx)]
     cs = st.ce_set(lm, cfg.hook, tokens, small, large)
@@ -265,10 +266,14 @@ def _stitch_pair(ctx, small: Sae, large: Sae) -> None:
                "n_add": int((actions == "add").sum()), "n_remove": int((actions == "remove").sum()),
                "attr_spearman": rho, "n_exact_ce": int(valid.sum()), "eval_tokens": sp.n_tokens,
                "ce_tokens": cs.n_tokens, **fracs,
-               "monotone_frac": novelty.monotone_frac(np.concatenate([start, groups]))}
+               "monotone_frac": novelty.monotone_frac(np.concatenate([start, groups])),
+               # share of groups that lower MSE applied alone: when few do, no order of them descends monotonically
+               "groups_help_alone": float((d_grp < 0).mean()),
+               "families_help_alone": float((st.group_delta_mse(small, large, fam, sp).numpy() < 0).mean()),
+               "n_families": fam.n_groups}
     log(f"  {S}->{L}: novel (functional, live) {fracs['novel_frac_functional']:.1%}, cosine-novel among live "
         f"{fracs['novel_frac_cos_live']:.1%}, groups {m.n_groups}, MSE does not rise in "
-        f"{summary['monotone_frac']:.1%} of steps, attribution vs exact Spearman {rho:.2f}")
+        f"{summary['monotone_frac']:.1%} of steps ({summary['groups_help_alone']:.1%} of groups lower it alone), attribution vs exact Spearman {rho:.2f}")
     np.save(folder / "group.npy", m.group)
     write_json_atomic(folder / "done.json", summary)
 

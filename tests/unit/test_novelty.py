@@ -90,3 +90,20 @@ def test_slot_shares_count_always_on_latents(planted) -> None:
     assert got["n_always_on"] == 2
     assert got["always_on_share"] == pytest.approx(float(slots[-2:].sum() / slots.sum()))
     assert got["n_dead"] == int((acts.sum(0) == 0).sum())
+
+
+def test_family_match_puts_each_large_latent_with_its_nearest_small() -> None:
+    from metasae.novelty import family_match
+    from metasae.stitching import Match
+
+    # small 0 is nearest to large 0, 1; small 1 to large 2; small 2 is nobody's nearest, its nearest large is 2
+    m = Match(threshold=0.7, n_small=3, n_large=3, nearest_small=np.array([0, 0, 1]),
+              nearest_small_cos=np.array([0.9, 0.3, 0.5]), nearest_large=np.array([0, 2, 2]),
+              nearest_large_cos=np.array([0.9, 0.5, 0.2]), group=np.arange(6), n_groups=6, edges=np.zeros((0, 2)))
+    f = family_match(m)
+    assert f.n_groups == 2
+    g = f.group
+    assert g[0] == g[3] == g[4]  # small 0 with large 0 and 1
+    assert g[1] == g[2] == g[5]  # small 1 with large 2, and orphan small 2 joins large 2's family
+    assert g[0] != g[1]
+    assert list(f.group_actions()) == ["swap", "swap"]
