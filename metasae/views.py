@@ -251,6 +251,7 @@ def findings(atlas: Atlas) -> dict[str, Any]:
         "novel_frac_max": float(nf.max()) if len(nf) else None,
         "novel_functional": mean("novel_frac_functional"), "novel_cos_live": mean("novel_frac_cos_live"),
         "monotone_frac": mean("monotone_frac"), "seed_baseline": base,
+        "groups_help_alone": mean("groups_help_alone"), "families_help_alone": mean("families_help_alone"),
         "n_pairs": len(pairs), "threshold": facts["threshold"],
         "meta_var_explained": None if fvu is None else 1.0 - float(fvu),
         "meta_heldout_explained": None if heldout is None else 1.0 - heldout,
@@ -334,6 +335,11 @@ def paper_notes(atlas: Atlas) -> dict[str, str]:
             text += (f"{',' if mono is not None else ''} and a path climbs to {peak:.1f}× the MSE of its higher "
                      "end: groups are ordered by their effect measured alone, and applied together those effects "
                      "do not add up")
+        alone, fams = f["groups_help_alone"], f["families_help_alone"]
+        if alone is not None and fams is not None:
+            text += (f". Only {alone:.0%} of the groups lower MSE when applied alone, and {fams:.0%} of whole "
+                     "families (a smaller latent swapped for every larger latent nearest to it), so no order of "
+                     "these steps can fall smoothly: the larger SAE's gain comes from its latents together")
         out["paths"] = text + "."
     ve = f["meta_heldout_explained"] if f["meta_heldout_explained"] is not None else f["meta_var_explained"]
     if ve is not None and abs(ve - PAPER["meta_explained"]) > 0.1:
