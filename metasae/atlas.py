@@ -6,7 +6,12 @@ start with a dot (temp files, ``.cache/``, ``.git/``, ``.gitattributes``) are no
 
 ``Atlas.open`` reads every table once into Arrow memory (except the examples' per-token ``acts``, decoded one
 row group at a time on demand and kept in a small LRU) and builds sorted-key offset arrays, so one dashboard
-latent page is a handful of binary searches and slices (no scan per lookup). Opened objects are read-only
+latent page is a handful of binary searches and slices (no scan per lookup). Above ``LAZY_ABOVE`` latents (or
+with ``lazy=True``) it reads lazily instead: only the key, label, family and decomposition columns at open;
+latent rows, examples, whole widths and stitching curves come from Parquet row groups on demand (projected
+columns, row-group statistics for the curves, a small LRU of decoded groups), with the same answers
+(tests/unit/test_lazy_atlas.py). That is how a million-latent atlas stays within the dashboard's goals
+(docs/benchmarks.md). Opened objects are read-only
 and safe to share between threads (e.g. through ``st.cache_resource``). Measured on the paper-scale synthetic
 atlas (195,840 latents, 2304 meta-latents, 4 meta-latents and 10 examples x 32 tokens per latent;
 ``python -m benchmarks.app``, 2 CPU cores shared with other jobs): ~0.9 GB resident after ``Atlas.open`` plus
@@ -251,6 +256,35 @@ def write_table(atlas_dir: str | os.PathLike, name: str, table: pa.Table | pd.Da
 
     def write(tmp: Path) -> None:
         pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_SIZE)
+
+    return _atomic_write(final, write)
+
+
+def write_table_parts(atlas_dir: str | os.PathLike, name: str, parts: Iterable[pa.Table | pd.DataFrame]) -> Path:
+    """``write_table`` for a table too large to hold at once: ``parts`` come in key order (each is sorted, and
+    its first key must follow the previous part's last), each is written as it comes, atomically as a whole.
+    Parts of a whole number of ``ROW_GROUP_SIZE`` rows give the row groups ``write_table`` would."""
+    final = Path(atlas_dir) / f"{name}.parquet"
+
+    def write(tmp: Path) -> None:
+        writer, last = None, None
+        try:
+            for part in parts:
+                part = _sort_unique(conform(part, name), name)
+                if part.num_rows == 0:
+                    continue
+                keys = [tuple(int(a[0]) for a in _key_arrays(part.slice(i, 1), KEYS[name])) for i in (0, part.num_rows - 1)]
+                if last is not None and keys[0] <= last:
+                    raise AtlasError(f"{name}.parquet: part starting at key {keys[0]} does not follow key {last}")
+                last = keys[1]
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, part.schema, compression="zstd")
+                writer.write_table(part, row_group_size=ROW_GROUP_SIZE)
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is None:  # no rows at all: an empty table of the schema
+            pq.write_table(conform(SCHEMAS[name].empty_table(), name), tmp, compression="zstd")
 
     return _atomic_write(final, write)
 
@@ -564,23 +598,52 @@ _READ_DICTIONARY = {"examples": ["tokens.list.element"]}  # token lists read dic
 # Read on demand, one row group at a time (see Atlas.examples): per-token activations are only needed to draw
 # one latent's examples, and decoding all of them is about half of a paper-scale cold start.
 LAZY_COLUMNS = {"examples": ("acts",)}
-_ACTS_CACHE_GROUPS = 32  # row groups of acts kept decoded (~1 MB each at 32 tokens per example)
+_ACTS_CACHE_GROUPS = 32  # row groups of examples kept decoded (~1 MB of acts each at 32 tokens, ~3 MB lazily)
+_LATENT_CACHE_GROUPS = 16  # row groups of latents kept decoded when lazy (~4 MB each)
+# Above this many latents Atlas.open reads lazily (a paper-scale ladder, 195,840 latents, is held in memory: ~0.9 GB
+# with its search index; a million-latent one would need ~5 GB).
+LAZY_ABOVE = 1 << 18
 
 
 def _read_table(root: Path, name: str) -> pa.Table:
-    fname = f"{name}.parquet"
+    """A whole table but its ``LAZY_COLUMNS``, checked against ``SCHEMAS`` (absent nullable columns as nulls)."""
     lazy = LAZY_COLUMNS.get(name, ())
+    names = _file_columns(root, name)
+    wanted = names + [f.name for f in SCHEMAS[name] if f.name not in names]
+    table = _read_columns(root, name, [c for c in wanted if c not in lazy], names)
+    for field in SCHEMAS[name]:
+        if field.name in lazy and field.name not in names:
+            raise AtlasError(f"{root / name}.parquet: required column {field.name!r} is missing")
+    return table
+
+
+def _file_columns(root: Path, name: str) -> list[str]:
     try:
-        names = pq.ParquetFile(root / fname).schema_arrow.names
-        columns = [c for c in names if c not in lazy]
-        table = pq.read_table(root / fname, columns=columns, memory_map=True,
+        return pq.ParquetFile(root / f"{name}.parquet").schema_arrow.names
+    except Exception as e:  # corrupt footers surface as ArrowInvalid/OSError/ArrowException
+        raise AtlasError(f"{root / name}.parquet: cannot be read ({type(e).__name__}: {e})") from e
+
+
+def _read_columns(root: Path, name: str, columns: list[str], names: list[str] | None = None) -> pa.Table:
+    """Some columns of a table, checked like ``_read_table``; a schema column absent from the file is read as
+    nulls where it is nullable. Column order: the file's, then absent schema columns in schema order."""
+    fname = f"{name}.parquet"
+    names = _file_columns(root, name) if names is None else names
+    try:
+        table = pq.read_table(root / fname, columns=[c for c in names if c in columns], memory_map=True,
                               read_dictionary=_READ_DICTIONARY.get(name))
     except Exception as e:  # corrupt pages surface as ArrowInvalid/OSError/ArrowException
         raise AtlasError(f"{root / fname}: cannot be read ({type(e).__name__}: {e})") from e
+    return _checked(table, name, root, columns)
+
+
+def _checked(table: pa.Table, name: str, root: Path, columns: Iterable[str]) -> pa.Table:
+    """``table`` (read from ``name``) with the schema's ``columns`` checked: absent nullable ones appended as
+    nulls, absent required ones and wrong types refused, null keys refused."""
+    fname = f"{name}.parquet"
+    wanted = set(columns)
     for field in SCHEMAS[name]:
-        if field.name in lazy:
-            if field.name not in names:
-                raise AtlasError(f"{root / fname}: required column {field.name!r} is missing")
+        if field.name not in wanted:
             continue
         if field.name not in table.column_names:
             if not field.nullable:
@@ -592,9 +655,96 @@ def _read_table(root: Path, name: str) -> pa.Table:
                 f"expected {field.type}"
             )
     for key in KEYS[name]:
-        if table.column(key).null_count:
+        if key in wanted and key in table.column_names and table.column(key).null_count:
             raise AtlasError(f"{root / fname}: key column {key!r} holds nulls")
     return table
+
+
+class _RowGroups:
+    """One table's rows read from Parquet on demand, one row group at a time, the decoded groups kept in a small
+    LRU. ``columns`` None means every column of the file (plus absent nullable schema columns, as nulls)."""
+
+    def __init__(self, root: Path, name: str, columns: list[str] | None, cache_groups: int) -> None:
+        self.root, self.name = root, name
+        self.names = _file_columns(root, name)
+        self.columns = self.names + [f.name for f in SCHEMAS[name] if f.name not in self.names] \
+            if columns is None else list(columns)
+        # the file stays memory-mapped (an atomic rewrite leaves this inode intact)
+        self.file = pq.ParquetFile(root / f"{name}.parquet", memory_map=True,
+                                   read_dictionary=_READ_DICTIONARY.get(name))
+        sizes = [self.file.metadata.row_group(i).num_rows for i in range(self.file.num_row_groups)]
+        self.start = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        self.num_rows = int(self.start[-1])
+        self.cache_groups = cache_groups
+        self.cache: OrderedDict[int, pa.Table] = OrderedDict()
+        self.lock = threading.Lock()  # ParquetFile readers are not thread-safe; Streamlit serves sessions in threads
+
+    def _read(self, groups: list[int], columns: list[str]) -> pa.Table:
+        try:
+            table = self.file.read_row_groups(groups, columns=[c for c in self.names if c in columns])
+        except Exception as e:  # corrupt pages surface as ArrowInvalid/OSError
+            raise AtlasError(f"{self.root / self.name}.parquet: row groups {groups[0]}..{groups[-1]} cannot be "
+                             f"read ({e})") from e
+        return _checked(table, self.name, self.root, columns)
+
+    def group(self, g: int) -> pa.Table:
+        with self.lock:
+            if g in self.cache:
+                self.cache.move_to_end(g)
+                return self.cache[g]
+            table = self._read([g], self.columns)
+            self.cache[g] = table
+            if len(self.cache) > self.cache_groups:
+                self.cache.popitem(last=False)
+            return table
+
+    def _groups(self, start: int, end: int) -> range:
+        first = max(int(np.searchsorted(self.start, start, "right")) - 1, 0)
+        last = int(np.searchsorted(self.start, end, "left"))
+        return range(first, max(last, first + 1) if end > start else first)
+
+    def rows(self, start: int, end: int) -> pa.Table:
+        """Rows [start, end) through the cache (a page's few rows)."""
+        parts = []
+        for g in self._groups(start, end):
+            g0 = int(self.start[g])
+            t = self.group(g)
+            lo, hi = max(start, g0) - g0, min(end, int(self.start[g + 1])) - g0
+            parts.append(t.slice(lo, hi - lo))
+        return pa.concat_tables(parts) if parts else self._empty(self.columns)
+
+    def read(self, start: int, end: int, columns: list[str] | None = None) -> pa.Table:
+        """Rows [start, end) of ``columns`` read past the cache (a whole width's worth)."""
+        columns = self.columns if columns is None else columns
+        groups = list(self._groups(start, end))
+        if not groups:
+            return self._empty(columns)
+        with self.lock:
+            t = self._read(groups, columns)
+        return t.slice(start - int(self.start[groups[0]]), end - start)
+
+    def _empty(self, columns: list[str]) -> pa.Table:
+        schema = self.file.schema_arrow
+        table = pa.schema([schema.field(c) for c in self.names if c in columns]).empty_table()
+        return _checked(table, self.name, self.root, columns)
+
+
+class _Tables(dict):
+    """``Atlas.tables``: tables held in memory; one not held yet is read whole on first access (a lazily opened
+    atlas holds only the small ones)."""
+
+    def __init__(self, root: Path, tables: dict[str, pa.Table]) -> None:
+        super().__init__(tables)
+        self._root = root
+        self._lock = threading.Lock()
+
+    def __missing__(self, name: str) -> pa.Table:
+        if name not in SCHEMAS:
+            raise KeyError(name)
+        with self._lock:
+            if not dict.__contains__(self, name):
+                self[name] = _read_table(self._root, name)
+            return dict.__getitem__(self, name)
 
 
 def _np(col: pa.ChunkedArray | pa.Array, fill: Any = None, dtype: Any = None) -> np.ndarray:
@@ -650,15 +800,18 @@ def _gather_ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
 
 
 class Atlas:
-    """An opened atlas: tables in memory plus sorted-key indexes; build with ``Atlas.open``.
+    """An opened atlas: tables in memory (or read lazily) plus sorted-key indexes; build with ``Atlas.open``.
 
     ``tables["examples"]`` holds every column but ``acts``; ``examples()`` / ``example_acts()`` add them.
     """
 
-    def __init__(self, path: Path, manifest: dict[str, Any], tables: dict[str, pa.Table]) -> None:
+    def __init__(self, path: Path, manifest: dict[str, Any], tables: dict[str, pa.Table],
+                 lazy: bool = False) -> None:
         self.path = path
         self.manifest = manifest
-        self.tables = tables
+        self.lazy = lazy
+        self.tables = _Tables(path, tables)
+        self._pairs: list[tuple[int, int]] | None = None
         self._index()
 
     def __repr__(self) -> str:
@@ -667,8 +820,14 @@ class Atlas:
     # -- construction
 
     @classmethod
-    def open(cls, path: str | os.PathLike, verify: bool = True, expect_model: str | None = None) -> Atlas:
-        """Open an atlas folder; raises AtlasError naming the problems (or a model other than ``expect_model``)."""
+    def open(cls, path: str | os.PathLike, verify: bool = True, expect_model: str | None = None,
+             lazy: bool | None = None) -> Atlas:
+        """Open an atlas folder; raises AtlasError naming the problems (or a model other than ``expect_model``).
+
+        ``lazy`` (default: when the atlas has more than ``LAZY_ABOVE`` latents) reads only the columns the
+        indexes need at open, and latent rows, examples and whole widths from Parquet row groups on demand;
+        ``tables`` then holds only the meta-latents, and reads any other table whole when asked for it. Both
+        ways give the same answers."""
         root = Path(path)
         problems = _verify(root) if verify else read_manifest(root)[1] or links_outside(root)
         if problems:
@@ -682,13 +841,36 @@ class Atlas:
             model = manifest.get("model", {}).get("name") if isinstance(manifest.get("model"), dict) else None
             if model != expect_model:
                 raise AtlasError(f"{root / MANIFEST}: atlas is for model {model!r}, expected {expect_model!r}")
-        tables = {name: _read_table(root, name) for name in SCHEMAS}
-        atlas = cls(root, manifest, tables)
+        if lazy is None:
+            try:
+                n = pq.ParquetFile(root / "latents.parquet").metadata.num_rows
+            except Exception as e:  # a corrupt footer: the same message a full read would give
+                raise AtlasError(f"{root / 'latents.parquet'}: cannot be read ({type(e).__name__}: {e})") from e
+            lazy = n > LAZY_ABOVE
+        names = ("meta_latents",) if lazy else tuple(SCHEMAS)
+        atlas = cls(root, manifest, {name: _read_table(root, name) for name in names}, lazy=lazy)
         release_memory()
         return atlas
 
+    def _columns(self, name: str, columns: list[str]) -> pa.Table:
+        """Columns of a whole table: from memory when it is held, else a projected read of its file."""
+        if dict.__contains__(self.tables, name):
+            t = self.tables[name]
+            return _checked(t, name, self.path, columns).select(columns)
+        return _read_columns(self.path, name, columns).select(columns)
+
+    def columns(self, name: str = "latents") -> list[str]:
+        """Column names of a table (held or on disk), absent nullable schema columns included."""
+        if dict.__contains__(self.tables, name):
+            return list(self.tables[name].column_names)
+        names = _file_columns(self.path, name)
+        return names + [f.name for f in SCHEMAS[name] if f.name not in names]
+
     def _index(self) -> None:
-        lat, dec, ex, meta = (self.tables[n] for n in ("latents", "decompositions", "examples", "meta_latents"))
+        lat = self._columns("latents", ["sae_width", "latent", "label", "nearest_smaller", "nearest_smaller_cos",
+                                        "group_id"])
+        dec = self._columns("decompositions", ["sae_width", "latent", "meta_latent", "weight", "rank"])
+        meta = self.tables["meta_latents"]
         fname = self.path / "latents.parquet"
         self._lat_width = _np(lat["sae_width"], dtype=np.int32)
         self._lat_latent = _np(lat["latent"], dtype=np.int32)
@@ -702,7 +884,12 @@ class Atlas:
             w: (int(np.searchsorted(self._lat_width, w, "left")), int(np.searchsorted(self._lat_width, w, "right")))
             for w in self._widths
         }
-        self._label = _np(lat["label"])  # object array of str: cheap gathers for members/search results
+        # one Arrow string array: members / search results gather a few labels (``labels_at``)
+        self._labels = lat["label"].combine_chunks() if lat.num_rows else pa.array([], pa.string())
+        if self.lazy:
+            self._lat_rows = _RowGroups(self.path, "latents", None, _LATENT_CACHE_GROUPS)
+            if self._lat_rows.num_rows != lat.num_rows:
+                raise AtlasError(f"{fname}: changed while being opened")
 
         # decompositions: per latent row the [start, end) of its rows; per row its latent row.
         dkey = _latent_key(_np(dec["sae_width"]), _np(dec["latent"]))
@@ -713,22 +900,23 @@ class Atlas:
         self._dec_weight = _np(dec["weight"], dtype=np.float32)
         self._dec_rank = _np(dec["rank"], dtype=np.int8)
         self._dec_latrow = rows_of(self._lat_key, dkey)
+        del dec, dkey
         # inverted index meta_latent -> decomposition rows, latent-row order within each meta-latent
         self._inv = np.argsort(self._dec_meta, kind="stable")
         self._inv_meta = self._dec_meta[self._inv]
 
+        ex = self._columns("examples", ["sae_width", "latent"])
         ekey = _latent_key(_np(ex["sae_width"]), _np(ex["latent"]))
         _check_sorted(ekey, self.path / "examples.parquet")
         self._ex_start = np.searchsorted(ekey, self._lat_key, "left")
         self._ex_end = np.searchsorted(ekey, self._lat_key, "right")
-        # lazily read acts: the file stays memory-mapped (an atomic rewrite leaves this inode intact)
-        self._ex_file = pq.ParquetFile(self.path / "examples.parquet", memory_map=True)
-        sizes = [self._ex_file.metadata.row_group(i).num_rows for i in range(self._ex_file.num_row_groups)]
-        self._rg_start = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
-        if self._rg_start[-1] != ex.num_rows:
+        # in memory: every column but acts is held, acts come by row group; lazily: every column by row group
+        self._ex_rows = _RowGroups(self.path, "examples", None if self.lazy else ["acts"], _ACTS_CACHE_GROUPS)
+        self._acts_cache = self._ex_rows.cache
+        if self._ex_rows.num_rows != ex.num_rows:
             raise AtlasError(f"{self.path / 'examples.parquet'}: changed while being opened")
-        self._acts_lock = threading.Lock()
-        self._acts_cache: OrderedDict[int, pa.ChunkedArray] = OrderedDict()
+        del ex, ekey
+        self._rg_start = self._ex_rows.start
 
         self._meta_ids = _np(meta["meta_latent"], dtype=np.int64)
         if np.any(np.diff(self._meta_ids) <= 0):
@@ -738,6 +926,13 @@ class Atlas:
         self._near_small = _np(lat["nearest_smaller"], fill=-1, dtype=np.int64)
         self._near_small_cos = _np(pc.cast(lat["nearest_smaller_cos"], pa.float64()), dtype=np.float64)
         self._group = _np(lat["group_id"], fill=-1, dtype=np.int64)
+
+    def labels_at(self, rows: np.ndarray) -> np.ndarray:
+        """Labels of latents-table rows, as an object array of str (None where null)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            return np.zeros(0, dtype=object)
+        return self._labels.take(pa.array(rows)).to_numpy(zero_copy_only=False)
 
     # -- scalar lookups
 
@@ -791,7 +986,10 @@ class Atlas:
 
     def latent(self, width: int, latent: int) -> dict[str, Any]:
         """One row of the latents table as a dict; UnknownLatentError for an unknown width or latent."""
-        return self.tables["latents"].slice(self._row(width, latent), 1).to_pylist()[0]
+        r = self._row(width, latent)
+        if self.lazy:
+            return self._lat_rows.rows(r, r + 1).to_pylist()[0]
+        return self.tables["latents"].slice(r, 1).to_pylist()[0]
 
     def decomposition(self, width: int, latent: int) -> pd.DataFrame:
         """Meta-latents of one latent: DataFrame[meta_latent, weight, rank, label], by weight descending."""
@@ -809,6 +1007,11 @@ class Atlas:
         """Top activating examples of one latent, by rank: dicts with tokens, acts, position, activation."""
         r = self._row(width, latent)
         s, e = int(self._ex_start[r]), int(self._ex_end[r])
+        if self.lazy:
+            rows = self._ex_rows.rows(s, e).to_pylist()
+            for row in rows:
+                row["acts"] = row.pop("acts")  # last, as the in-memory way adds it
+            return rows
         rows = self.tables["examples"].slice(s, e - s).to_pylist()
         for row, acts in zip(rows, self.example_acts(s, e), strict=True):
             row["acts"] = acts
@@ -816,32 +1019,7 @@ class Atlas:
 
     def example_acts(self, start: int, end: int) -> list[list[float]]:
         """Per-token activations of examples-table rows [start, end), decoded one row group at a time."""
-        out: list[list[float]] = []
-        first = int(np.searchsorted(self._rg_start, start, "right")) - 1
-        for g in range(max(first, 0), len(self._rg_start) - 1):
-            g0, g1 = int(self._rg_start[g]), int(self._rg_start[g + 1])
-            if g0 >= end:
-                break
-            acts = self._acts_group(g)
-            lo, hi = max(start, g0) - g0, min(end, g1) - g0
-            out.extend(acts.slice(lo, hi - lo).to_pylist())
-        return out
-
-    def _acts_group(self, g: int) -> pa.ChunkedArray:
-        with self._acts_lock:  # ParquetFile readers are not thread-safe; Streamlit serves sessions in threads
-            if g in self._acts_cache:
-                self._acts_cache.move_to_end(g)
-                return self._acts_cache[g]
-            try:
-                acts = self._ex_file.read_row_group(g, columns=["acts"]).column(0)
-            except Exception as e:  # corrupt pages surface as ArrowInvalid/OSError
-                raise AtlasError(f"{self.path / 'examples.parquet'}: row group {g} cannot be read ({e})") from e
-            if not same_type(acts.type, SCHEMAS["examples"].field("acts").type):
-                raise AtlasError(f"{self.path / 'examples.parquet'}: column 'acts' has type {acts.type}")
-            self._acts_cache[g] = acts
-            if len(self._acts_cache) > _ACTS_CACHE_GROUPS:
-                self._acts_cache.popitem(last=False)
-            return acts
+        return self._ex_rows.rows(start, end).column("acts").to_pylist()
 
     def meta_latent(self, m: int) -> dict[str, Any]:
         """One row of the meta_latents table as a dict."""
@@ -866,7 +1044,7 @@ class Atlas:
         latrows, weights = latrows[order], weights[order]
         return pd.DataFrame({
             "sae_width": self._lat_width[latrows], "latent": self._lat_latent[latrows],
-            "weight": weights, "label": self._label[latrows],
+            "weight": weights, "label": self.labels_at(latrows),
         })
 
     def cooccurring_meta(self, m: int, top: int = 10) -> pd.DataFrame:
@@ -888,7 +1066,7 @@ class Atlas:
         if width is None or latent < 0:
             return None
         try:
-            label = self._label[self._row(width, latent)]
+            label = self.labels_at(np.array([self._row(width, latent)]))[0]
         except UnknownLatentError:
             label = None
         return {"sae_width": width, "latent": latent, "cos": None if math.isnan(cos) else cos, "label": label}
@@ -909,9 +1087,10 @@ class Atlas:
             s, e = self._wrange[larger]
             idx = np.flatnonzero(self._near_small[s:e] == int(latent)) + s
             idx = idx[np.argsort(-np.nan_to_num(self._near_small_cos[idx], nan=-2.0), kind="stable")]
+            idx = idx[:max_children]
             children = [
-                {"latent": int(self._lat_latent[i]), "cos": float(self._near_small_cos[i]), "label": self._label[i]}
-                for i in idx[:max_children]
+                {"latent": int(self._lat_latent[i]), "cos": float(self._near_small_cos[i]), "label": label}
+                for i, label in zip(idx, self.labels_at(idx), strict=True)
             ]
         group: list[int] = []
         if self._group[r] >= 0:
@@ -930,6 +1109,8 @@ class Atlas:
     def latents_table(self, width: int, columns: list[str] | None = None) -> pd.DataFrame:
         """All latents of one width as a DataFrame (optionally only ``columns``)."""
         s, e = self._width_range(width)
+        if self.lazy:
+            return self._lat_rows.read(s, e, list(columns) if columns else None).to_pandas()
         t = self.tables["latents"].slice(s, e - s)
         return (t.select(columns) if columns else t).to_pandas()
 
@@ -940,15 +1121,27 @@ class Atlas:
 
     def stitching_curve(self, small: int, large: int) -> pd.DataFrame:
         """Interpolation curve of one (small, large) pair by step; empty if the pair was not measured."""
+        if self.lazy:  # the table is sorted by (small, large, step): row-group statistics skip the other pairs
+            try:
+                t = pq.read_table(self.path / "stitching.parquet", memory_map=True,
+                                  filters=[("small_width", "=", int(small)), ("large_width", "=", int(large))])
+            except Exception as e:
+                raise AtlasError(f"{self.path / 'stitching.parquet'}: cannot be read ({e})") from e
+            return _checked(t, "stitching", self.path, SCHEMAS["stitching"].names).to_pandas()
         t = self.tables["stitching"]
         mask = pc.and_(pc.equal(t["small_width"], int(small)), pc.equal(t["large_width"], int(large)))
         return t.filter(mask).to_pandas()
 
     def stitching_pairs(self) -> list[tuple[int, int]]:
         """(small, large) pairs that have a stitching curve."""
-        t = self.tables["stitching"]
-        pairs = {(int(a), int(b)) for a, b in zip(_np(t["small_width"]), _np(t["large_width"]), strict=True)}
-        return sorted(pairs)
+        if self.lazy and self._pairs is not None:
+            return list(self._pairs)
+        t = self._columns("stitching", ["small_width", "large_width"])
+        key = np.unique(_latent_key(_np(t["small_width"]), _np(t["large_width"]))) if t.num_rows else []
+        pairs = [(int(k >> 32), int(k & 0xFFFFFFFF)) for k in key]
+        if self.lazy:  # the file is not held: read its two columns once
+            self._pairs = pairs
+        return list(pairs)
 
     # -- SAE weights
 

@@ -9,6 +9,7 @@ words, all generated deterministically (no third-party text).
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from metasae.atlas import DEAD_LABEL, AtlasError, write_manifest, write_table
+from metasae.atlas import DEAD_LABEL, AtlasError, write_manifest, write_table, write_table_parts
 
 DEFAULT_WIDTHS = (64, 128, 256)
 PAPER_WIDTHS = (768, 1536, 3072, 6144, 12288, 24576, 49152, 98304)
@@ -25,6 +26,7 @@ SYNTHETIC_MODEL = "synthetic"
 COS_THRESHOLD = 0.7
 N_TOP = 10  # top tokens / boosted logits per latent
 N_BINS = 20  # activation histogram bins
+CHUNK_LATENTS = 8192  # latents per part of the examples table (x n_examples rows: whole row groups of 8192)
 
 # Planted latents, placed by width index (0 = smallest width) so they exist in any ladder of >= 3 widths.
 # ``decomposition`` is {meta_latent: weight}; every planted meta-latent id is < 32 (the default n_meta).
@@ -175,11 +177,13 @@ def make_synthetic_atlas(
     with_weights: bool = True,
     d_model: int = 32,
     overwrite: bool = False,
+    progress: bool = False,
 ) -> Path:
     """Write a complete atlas (tables, SAE folders, manifest) that ``verify`` accepts; deterministic in seed.
 
     ``with_weights=False`` skips the sae-lens folders and records ``"weights": false`` in the manifest (use it
-    at paper scale). ``overwrite`` replaces an existing atlas folder (one holding manifest.json).
+    at paper scale). ``overwrite`` replaces an existing atlas folder (one holding manifest.json). ``progress``
+    shows a progress bar over the examples table (most of the time at a million latents).
     """
     widths = tuple(int(w) for w in widths)
     out = Path(out_dir)
@@ -209,15 +213,12 @@ def make_synthetic_atlas(
 
     latents, top_idx = _latents_table(rng, lad, word_arr, tok_arr.slice(0, n_random))
     dec = _decompositions(rng, lad, n_meta, k)
-    examples, ex_idx = _examples(rng, lad, n_random, latents["max_act"].to_numpy(), n_examples, ctx)
+    examples = _Examples(rng, lad, n_random, latents["max_act"].to_numpy(), n_examples, ctx)
     if planted:
-        latents, dec = _plant(lad, planted, latents, dec, top_idx, ex_idx, examples["position"].to_numpy(),
-                              tok_arr, k)
+        latents, dec = _plant(lad, planted, latents, dec, top_idx, examples, tok_arr, k)
     latents = latents.append_column("top_tokens", _list_array(pc.take(tok_arr, pa.array(top_idx.ravel())),
                                                               lad.n, N_TOP))
-    examples = examples.append_column("tokens", _list_array(pc.take(tok_arr, pa.array(ex_idx.ravel())),
-                                                            examples.num_rows, ctx))
-    del top_idx, ex_idx
+    del top_idx
     latents = _relations(rng, lad, latents)
     latents = _decomposability(latents, dec, lad, seed)
     meta = _meta_table(rng, n_meta, dec, lad.n, word_arr, tok_arr.slice(0, n_random), planted)
@@ -243,9 +244,12 @@ def make_synthetic_atlas(
                         n_dense=int((d > 0.1).sum()),
                         always_on_share=round(float(d[d > 0.5].sum() / max(d.sum(), 1e-12)), 4))
 
-    for name, table in (("latents", latents), ("decompositions", dec), ("examples", examples),
-                        ("meta_latents", meta), ("stitching", stitching)):
+    for name, table in (("latents", latents), ("decompositions", dec), ("meta_latents", meta),
+                        ("stitching", stitching)):
         write_table(out, name, table)
+    del latents, dec
+    # the examples table (10 x 32 tokens a latent) is written in parts: a million-latent atlas never holds it whole
+    write_table_parts(out, "examples", examples.parts(tok_arr, progress))
     if with_weights:
         _write_weights(out, widths, n_meta, d_model, seed)
     manifest = {
@@ -398,26 +402,74 @@ def _decompositions(rng: np.random.Generator, lad: _Ladder, n_meta: int, k: int)
     })
 
 
-def _examples(rng: np.random.Generator, lad: _Ladder, n_tokens: int, max_act: np.ndarray,
-              n_examples: int, ctx: int) -> tuple[pa.Table, np.ndarray]:
-    rows = lad.n * n_examples
-    activation = (np.repeat(max_act, n_examples) * np.tile(np.linspace(1, 0.4, n_examples), lad.n)).astype(np.float32)
-    position = rng.integers(ctx // 2, ctx, size=rows).astype(np.int16)
-    # Sparse like real SAE activations: most context tokens do not fire the latent at all.
-    u = rng.random((rows, ctx), dtype=np.float32)
-    acts = np.where(u < 0.2, (u * 5) ** 2 * activation[:, None] * 0.6, np.float32(0)).astype(np.float32)
-    acts[np.arange(rows), position] = activation
-    table = pa.table({
-        "sae_width": np.repeat(lad.width, n_examples), "latent": np.repeat(lad.latent, n_examples),
-        "rank": np.tile(np.arange(n_examples, dtype=np.int16), lad.n), "activation": activation,
-        "acts": _list_array(pa.array(acts.ravel()), rows, ctx), "position": position,
-    })
-    return table, rng.integers(n_tokens, size=(rows, ctx))
+class _Examples:
+    """The examples table, drawn from the main generator exactly as one (rows, ctx) draw would be, but built and
+    written ``CHUNK_LATENTS`` latents at a time.
+
+    The main generator draws, in order: every example's max position, a (rows, ctx) float32 uniform for the
+    per-token activations, then the (rows, ctx) token indices. Chunked draws of one distribution give the same
+    values as one draw, so two copies of the generator (at the start of the uniforms and of the tokens) replay
+    them chunk by chunk while the main generator skips past both (drawing and discarding in chunks), and every
+    later table gets the values this seed always gave."""
+
+    def __init__(self, rng: np.random.Generator, lad: _Ladder, n_tokens: int, max_act: np.ndarray,
+                 n_examples: int, ctx: int) -> None:
+        self.lad, self.n_tokens, self.n_examples, self.ctx = lad, n_tokens, n_examples, ctx
+        self.max_act = max_act
+        rows = lad.n * n_examples
+        self.position = rng.integers(ctx // 2, ctx, size=rows).astype(np.int16)
+        self._u = _copy(rng)
+        _skip(rng, rows * ctx, lambda m: rng.random(m, dtype=np.float32))
+        self._tok = _copy(rng)
+        _skip(rng, rows * ctx, lambda m: rng.integers(n_tokens, size=m))
+        self.planted: dict[int, list[tuple[int, int]]] = {}  # example row -> [(position, token index)]
+
+    def parts(self, tokens: pa.Array, progress: bool = False) -> Iterator[pa.Table]:
+        """The table in key order, CHUNK_LATENTS latents (a whole number of row groups) at a time."""
+        lad, n_ex, ctx = self.lad, self.n_examples, self.ctx
+        starts = range(0, lad.n, CHUNK_LATENTS)
+        if progress:
+            from tqdm import tqdm
+            starts = tqdm(starts, desc="examples", unit="chunk", total=-(-lad.n // CHUNK_LATENTS))
+        decay = np.linspace(1, 0.4, n_ex)
+        for a in starts:
+            b = min(a + CHUNK_LATENTS, lad.n)
+            r0, r1 = a * n_ex, b * n_ex
+            activation = (np.repeat(self.max_act[a:b], n_ex) * np.tile(decay, b - a)).astype(np.float32)
+            position = self.position[r0:r1]
+            # Sparse like real SAE activations: most context tokens do not fire the latent at all.
+            u = self._u.random((r1 - r0, ctx), dtype=np.float32)
+            acts = np.where(u < 0.2, (u * 5) ** 2 * activation[:, None] * 0.6, np.float32(0)).astype(np.float32)
+            del u
+            acts[np.arange(r1 - r0), position] = activation
+            idx = self._tok.integers(self.n_tokens, size=(r1 - r0, ctx))
+            for e, placed in self.planted.items():
+                if r0 <= e < r1:
+                    for pos, t in placed:
+                        idx[e - r0, pos] = t
+            yield pa.table({
+                "sae_width": np.repeat(lad.width[a:b], n_ex), "latent": np.repeat(lad.latent[a:b], n_ex),
+                "rank": np.tile(np.arange(n_ex, dtype=np.int16), b - a), "activation": activation,
+                "acts": _list_array(pa.array(acts.ravel()), r1 - r0, ctx), "position": position,
+                "tokens": _list_array(pc.take(tokens, pa.array(idx.ravel())), r1 - r0, ctx),
+            })
+
+
+def _copy(rng: np.random.Generator) -> np.random.Generator:
+    out = np.random.Generator(type(rng.bit_generator)())
+    out.bit_generator.state = rng.bit_generator.state
+    return out
+
+
+def _skip(rng: np.random.Generator, n: int, draw: Any, block: int = 1 << 24) -> None:
+    for i in range(0, n, block):
+        draw(min(block, n - i))
 
 
 def _plant(lad: _Ladder, planted: dict[str, dict[str, Any]], lat: pa.Table, dec: pa.Table, top_idx: np.ndarray,
-           ex_idx: np.ndarray, positions: np.ndarray, tokens: pa.Array, k: int) -> tuple[pa.Table, pa.Table]:
-    """Overwrite the planted rows (labels, tokens, decompositions, relations); index matrices change in place."""
+           examples: _Examples, tokens: pa.Array, k: int) -> tuple[pa.Table, pa.Table]:
+    """Overwrite the planted rows (labels, tokens, decompositions, relations); ``top_idx`` changes in place and
+    ``examples.planted`` records the example tokens to place."""
     index = {t: i for i, t in enumerate(tokens.to_pylist())}
     labels = lat["label"].to_pylist()
     kind = np.full(lad.n, None, dtype=object)
@@ -425,7 +477,8 @@ def _plant(lad: _Ladder, planted: dict[str, dict[str, Any]], lat: pa.Table, dec:
     cos = np.full(lad.n, np.nan, dtype=np.float32)
     metas = dec["meta_latent"].to_numpy().copy()
     weights = dec["weight"].to_numpy().copy()
-    n_ex = len(positions) // lad.n
+    positions = examples.position
+    n_ex = examples.n_examples
     for p in planted.values():
         r = lad.row_of(p["width"], p["latent"])
         labels[r] = p["label"]
@@ -442,7 +495,7 @@ def _plant(lad: _Ladder, planted: dict[str, dict[str, Any]], lat: pa.Table, dec:
         for e in range(r * n_ex, (r + 1) * n_ex):
             pos = int(positions[e])
             for j, t in enumerate(reversed(ex_tokens)):
-                ex_idx[e, pos - j] = t
+                examples.planted.setdefault(e, []).append((pos - j, t))
     lat = lat.set_column(lat.schema.get_field_index("label"), "label", pa.array(labels, pa.string()))
     lat = lat.append_column("_kind", pa.array(kind, pa.string())).append_column(
         "_near", pa.array(near)).append_column("_cos", pa.array(cos))

@@ -625,7 +625,7 @@ def stitching_table(atlas: Atlas, small: int, large: int, kind: str | None = Non
     """The large SAE's latents with their kind against ``small``, swap group and ΔMSE/ΔCE."""
     if atlas.widths.index(large) != atlas.widths.index(small) + 1:
         raise BadInput(f"The table needs neighbouring widths; {small} and {large} are not.")
-    df = atlas.latents_table(large, [c for c in STITCH_COLUMNS if c in atlas.tables["latents"].column_names])
+    df = atlas.latents_table(large, [c for c in STITCH_COLUMNS if c in atlas.columns("latents")])
     if kind:
         df = df[df["kind"] == kind]
     df = df.reset_index(drop=True)
@@ -640,7 +640,7 @@ def pair_summary(atlas: Atlas, small: int, large: int) -> dict[str, Any]:
     for p in (atlas.manifest.get("stitching") or {}).get("pairs") or []:
         if isinstance(p, dict) and p.get("small") == small and p.get("large") == large:
             out.update(p)
-    cols = [c for c in ("kind", "group_id", "delta_ce", "delta_ce_attr") if c in atlas.tables["latents"].column_names]
+    cols = [c for c in ("kind", "group_id", "delta_ce", "delta_ce_attr") if c in atlas.columns("latents")]
     lat = atlas.latents_table(large, cols)
     if out.get("novel_frac") is None:
         out["novel_frac"] = float((lat["kind"] == "novel").mean()) if len(lat) else None
