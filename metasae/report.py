@@ -325,6 +325,7 @@ def write_report(atlas_path: str | Path, out_dir: str | Path) -> Path:
         lines += [f"- **{p['role']}** — latent {p['width']}/{p['latent']} “{p['label']}” ({p['why']}) → {parts}. "
                   f"Across meta seeds: {seeds}.", ""]
     lines += _differences(atlas, m, bcfg, ms)
+    lines += intervention_block(out_dir / "intervention.md")
     path = out_dir / "results.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -369,11 +370,24 @@ def _differences(atlas: Atlas, m: dict, bcfg: dict, ms: dict) -> list[str]:
         "",
         "## Intervention lab (issue 12)",
         "",
-        "The knowledge-editing evaluation (latent vs meta-latent edits on WordNet people, its table and a worked "
-        "example),",
-        "the decomposability score and the ladder-wide neighbours are in [intervention.md](intervention.md)",
-        "(`scripts/intervention_eval.py` writes its table).",
+        "The knowledge-editing evaluation: latent vs meta-latent edits on WordNet people (method, the "
+        "decomposability score and the ladder-wide neighbours in [intervention.md](intervention.md); "
+        "`scripts/intervention_eval.py` writes the block below there, and this report copies it).",
+        "",
     ]
+
+
+EVAL_START, EVAL_END = "<!-- intervention-eval:start -->", "<!-- intervention-eval:end -->"
+
+
+def intervention_block(path: Path) -> list[str]:
+    """The editing evaluation's table and worked example, as scripts/intervention_eval.py last wrote them."""
+    text = path.read_text() if path.is_file() else ""
+    if EVAL_START not in text or EVAL_END not in text:
+        return ["(not measured yet: run `python scripts/intervention_eval.py --atlas data`)"]
+    body = text.split(EVAL_START, 1)[1].split(EVAL_END, 1)[0].strip()
+    # headings inside the block sit one level below this section's
+    return [("#" + ln) if ln.startswith("#") else ln for ln in body.splitlines()]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from metasae.report import EVAL_END as END  # noqa: E402  (after the path insert)
+from metasae.report import EVAL_START as START  # noqa: E402
+
 NATIONS = {"United States": " America", "German": " Germany", "French": " France", "English": " England",
            "Italian": " Italy", "Russian": " Russia", "Austrian": " Austria", "Scottish": " Scotland",
            "Spanish": " Spain", "British": " Britain", "Dutch": " Netherlands", "Polish": " Poland",
@@ -35,7 +38,6 @@ NATIONS = {"United States": " America", "German": " Germany", "French": " France
 JOBS = ("physicist", "chemist", "composer", "painter", "poet", "novelist", "philosopher", "mathematician",
         "astronomer", "writer", "economist", "biologist", "sculptor", "architect", "dramatist", "actor", "singer")
 GLOSS = re.compile(r"^\| (" + "|".join(NATIONS) + r")(?:-born)? (?:[a-z]+ )?(" + "|".join(JOBS) + r")\b")
-START, END = "<!-- intervention-eval:start -->", "<!-- intervention-eval:end -->"
 
 
 def people(n: int, path: Path = Path("/usr/share/wordnet/data.noun")) -> list[dict]:

@@ -57,3 +57,11 @@ def test_targets_are_read_from_the_manifest_and_judged():
     assert got["person showcase"] == ("3 of 3", True)
     assert got["nationality showcase"] == ("2 of 3", False)
     assert got["stitching curves"][1] is True
+
+
+def test_intervention_block_is_copied_with_headings_one_level_down(tmp_path) -> None:
+    from metasae.report import EVAL_END, EVAL_START, intervention_block
+
+    assert "not measured yet" in intervention_block(tmp_path / "missing.md")[0]
+    (tmp_path / "intervention.md").write_text(f"# x\n{EVAL_START}\n\n### Verdict\n| a | b |\n{EVAL_END}\ntail\n")
+    assert intervention_block(tmp_path / "intervention.md") == ["#### Verdict", "| a | b |"]
