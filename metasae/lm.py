@@ -234,6 +234,68 @@ class LanguageModel:
                 handle.remove()
         return _next_token_losses(logits, tokens)
 
+    # --- runs that reuse a clean prefix (key/value cache of the layers after the hook) ---------------------
+
+    @property
+    def supports_prefix_cache(self) -> bool:
+        """Whether `record_prefix` / `token_losses_suffix` work: Llama-style decoders (rotary embeddings, the
+        layers' attention updating a cache by `layer_idx`); GPT-2-style models run whole contexts instead."""
+        inner = getattr(self.model, "model", None)
+        layers = getattr(inner, "layers", None)
+        return (inner is not None and hasattr(inner, "rotary_emb") and hasattr(inner, "norm")
+                and isinstance(layers, torch.nn.ModuleList) and len(layers) > 0
+                and hasattr(getattr(layers[0], "self_attn", None), "layer_idx"))
+
+    @torch.no_grad()
+    def record_prefix(self, tokens: torch.Tensor, hook: str, resid: torch.Tensor) -> tuple[torch.Tensor, PrefixCache]:
+        """Per-token losses (batch, seq-1) with `resid` spliced at `hook`, and the keys/values of every layer
+        after the hook (kept on the CPU) so that `token_losses_suffix` can rerun only a suffix of the context."""
+        layer = self.layer_of(hook)
+        if resid.shape[:2] != tokens.shape:
+            raise ModelError(f"resid shape {tuple(resid.shape)} does not match tokens {tuple(tokens.shape)}")
+        cache = PrefixCache(record=True)
+        with self._lock:
+            hidden = self._run_suffix(layer, resid, 0, cache)
+        logits = self.model.lm_head(hidden[:, :-1])
+        return _next_token_losses_shifted(logits, tokens.to(self.device)), cache
+
+    @torch.no_grad()
+    def token_losses_suffix(self, tokens: torch.Tensor, hook: str, resid_suffix: torch.Tensor, start: int,
+                            prefix: PrefixCache) -> torch.Tensor:
+        """Losses (batch, seq-1-start) at positions start..seq-2, the residual at positions >= start replaced by
+        `resid_suffix` (batch, seq-start, d) and positions < start taken from `prefix` (keys/values recorded by
+        `record_prefix` for these rows: `prefix.take(rows, start)`). Equal to token_losses_from(...)[:, start:]
+        for a residual that agrees with the recorded one before `start`, at the cost of seq-start positions."""
+        layer = self.layer_of(hook)
+        if not 0 <= start < tokens.shape[1] - 1 or resid_suffix.shape[:2] != (tokens.shape[0], tokens.shape[1] - start):
+            raise ModelError(f"suffix from {start} of shape {tuple(resid_suffix.shape)} does not fit tokens "
+                             f"{tuple(tokens.shape)}")
+        with self._lock:
+            hidden = self._run_suffix(layer, resid_suffix, start, prefix)
+        logits = self.model.lm_head(hidden[:, :-1])
+        return _next_token_losses_shifted(logits, tokens[:, start:].to(self.device))
+
+    def _run_suffix(self, layer: int, resid: torch.Tensor, start: int, cache: PrefixCache) -> torch.Tensor:
+        """Final-norm hidden states of positions start.. after layers >= `layer`, attending to the cached prefix."""
+        if not self.supports_prefix_cache:
+            raise ModelError(f"{type(self.model).__name__} does not support prefix reuse (Llama-style models only)")
+        inner = self.model.model
+        layers = list(_decoder_layers(self.model))[layer:]
+        x = resid.to(self.device, self.dtype)
+        n = x.shape[1]
+        pos = torch.arange(start, start + n, device=self.device)[None]
+        rope = inner.rotary_emb(x, pos)
+        # additive causal mask over (prefix + suffix) keys: works for the eager and the SDPA attention
+        allowed = torch.arange(start + n, device=self.device)[None, :] <= pos[0, :, None]
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        mask = mask[None, None]
+        for lyr in layers:
+            out = lyr(x, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                      position_embeddings=rope)
+            x = out[0] if isinstance(out, tuple) else out
+        return inner.norm(x)
+
     @torch.no_grad()
     def token_losses(self, tokens: torch.Tensor) -> torch.Tensor:
         """Per-token next-token losses of the unmodified model (batch, seq-1)."""
@@ -275,6 +337,40 @@ def _next_token_losses(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tens
     lg = lg if lg.dtype == torch.float64 else lg.float()  # fp32 at least; a fp64 model keeps its precision
     return F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tokens[:, 1:].reshape(-1), reduction="none").view(
         tokens.shape[0], -1)
+
+
+def _next_token_losses_shifted(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Losses of logits (batch, n-1, vocab) at positions p..p+n-2 against targets[:, 1:] (targets = tokens p..)."""
+    lg = logits if logits.dtype == torch.float64 else logits.float()
+    return F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets[:, 1:].reshape(-1), reduction="none").view(
+        targets.shape[0], -1)
+
+
+class PrefixCache:
+    """Keys/values of the layers after a hook: recorded over whole contexts (record=True), or a gathered
+    prefix of them that a suffix run extends (the duck-typed `update` the Hugging Face attention calls)."""
+
+    def __init__(self, record: bool = False, kv: dict | None = None):
+        self.record = record
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = kv or {}
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.record:
+            self.kv[layer_idx] = (key.detach().cpu(), value.detach().cpu())
+            return key, value
+        k0, v0 = self.kv[layer_idx]
+        return torch.cat([k0.to(key), key], 2), torch.cat([v0.to(value), value], 2)
+
+    @staticmethod
+    def concat(caches: list[PrefixCache]) -> PrefixCache:
+        """Recorded caches of consecutive batches of contexts joined along the batch."""
+        return PrefixCache(True, {i: (torch.cat([c.kv[i][0] for c in caches]), torch.cat([c.kv[i][1] for c in caches]))
+                                  for i in caches[0].kv})
+
+    def take(self, rows: torch.Tensor, start: int, device: torch.device | str = "cpu") -> PrefixCache:
+        """The first `start` positions of the given contexts (rows may repeat), ready for a suffix run."""
+        return PrefixCache(False, {i: (k[rows, :, :start].to(device), v[rows, :, :start].to(device))
+                                   for i, (k, v) in self.kv.items()})
 
 
 def tiny_model(kind: str = "llama", seed: int = 0, n_layers: int = 4, d_model: int = 32, vocab: int = 256) -> LanguageModel:

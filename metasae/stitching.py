@@ -239,6 +239,8 @@ class CeSet:
     base: torch.Tensor  # (C, T, d) small reconstruction at positions >= 1, clean at 0
     base_loss: torch.Tensor  # (C,) summed next-token loss per context with base spliced
     sp: Sparse  # activations on positions >= 1 (token index = c * (T-1) + (pos-1))
+    # (hook, per-token base losses (C, T-1), PrefixCache of the layers after the hook), made on first use
+    prefix: tuple | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -272,56 +274,147 @@ def _item_deltas(cs: CeSet, item_of: torch.Tensor, signs: torch.Tensor, D: torch
         yield it, t // T1, t % T1 + 1, delta
 
 
+def _base_prefix(lm, hook: str, cs: CeSet, batch_ctx: int = 8):
+    """Per-token base losses and the base run's keys/values after the hook (one pass, kept on the CeSet)."""
+    from metasae.lm import PrefixCache
+
+    if cs.prefix is None or cs.prefix[0] != hook:
+        losses, caches = [], []
+        for b in range(0, cs.tokens.shape[0], batch_ctx):
+            loss, cache = lm.record_prefix(cs.tokens[b:b + batch_ctx], hook, cs.base[b:b + batch_ctx])
+            losses.append(loss.double().cpu())
+            caches.append(cache)
+        cs.prefix = (hook, torch.cat(losses), PrefixCache.concat(caches))
+    return cs.prefix[1], cs.prefix[2]
+
+
+@torch.no_grad()
+def _pair_loss_changes(lm, hook: str, cs: CeSet, ctx: torch.Tensor, pert: torch.Tensor, first: torch.Tensor,
+                       batch: int, reuse_prefix: bool | None) -> torch.Tensor:
+    """Summed loss change (float64) of each (context, perturbation) pair; `first` = first perturbed position.
+
+    With prefix reuse (Llama-style models) positions before `first` are not recomputed: their keys/values come
+    from the base run, so pairs run in order of `first`, in batches of about batch * T positions.
+    """
+    T = cs.tokens.shape[1]
+    out = torch.zeros(len(ctx), dtype=torch.float64)
+    if reuse_prefix is None:
+        reuse_prefix = bool(getattr(lm, "supports_prefix_cache", False))
+    if not reuse_prefix:
+        for b in range(0, len(ctx), batch):
+            c = ctx[b:b + batch]
+            loss = lm.token_losses_from(cs.tokens[c], hook, cs.base[c] + pert[b:b + batch]).sum(1).cpu()
+            out[b:b + batch] = (loss - cs.base_loss[c]).double()
+        return out
+    base_tok, cache = _base_prefix(lm, hook, cs)
+    order = torch.argsort(first, stable=True)
+    order = order[first[order] < T - 1]  # a change at the last position reaches no prediction: exactly 0
+    i, n = 0, len(order)
+    while i < n:
+        s = int(first[order[i]])
+        j = min(n, i + max(1, (batch * T) // (T - s)))
+        idx = order[i:j]
+        c = ctx[idx]
+        resid = cs.base[c, s:] + pert[idx, s:]
+        loss = lm.token_losses_suffix(cs.tokens[c], hook, resid, s, cache.take(c, s, lm.device))
+        out[idx] = loss.double().cpu().sum(1) - base_tok[c, s:].sum(1)
+        i = j
+    return out
+
+
+def _pairs_of(cs: CeSet, item_of: torch.Tensor, signs: torch.Tensor, D: torch.Tensor, items: torch.Tensor,
+              only: torch.Tensor | None = None):
+    """(item, context, first position, dense perturbation (P, T, d)) of every (item, context) where the item fires;
+    `only` restricts them to the given keys item * C + context."""
+    C, T = cs.tokens.shape
+    rows = list(_item_deltas(cs, item_of, signs, D, items))
+    if not rows:
+        e = torch.zeros(0, dtype=torch.long)
+        return e, e, e, D.new_zeros(0, T, D.shape[1])
+    it, c, pos, delta = (torch.cat(x) for x in zip(*rows, strict=True))
+    key = it * C + c
+    if only is not None:
+        keep = torch.isin(key, only)
+        key, pos, delta = key[keep], pos[keep], delta[keep]
+    pair_key, pair = torch.unique(key, return_inverse=True)
+    pert = delta.new_zeros(len(pair_key), T, D.shape[1])
+    pert.index_put_((pair, pos), delta, accumulate=True)
+    first = torch.full((len(pair_key),), T, dtype=torch.long).scatter_reduce_(0, pair, pos, "amin")
+    return pair_key // C, pair_key % C, first, pert
+
+
 @torch.no_grad()
 def delta_ce_exact(lm, hook: str, cs: CeSet, small: Sae, large: Sae, item_of: torch.Tensor, signs: torch.Tensor,
                    items: Sequence[int], batch: int = 16, items_per_chunk: int = 64,
-                   progress: bool = False) -> torch.Tensor:
+                   progress: bool = False, reuse_prefix: bool | None = None) -> torch.Tensor:
     """Exact ΔCE (mean next-token loss change over the set) of applying each item alone to the small SAE.
 
     An item is a large latent or a group (item_of maps combined latents to items). Only contexts where the item
-    fires are re-run, and (item, context) pairs from many items share each forward pass.
+    fires are re-run, and (item, context) pairs from many items share each forward pass. With `reuse_prefix`
+    (default: whenever the model supports it) each pair runs only from the first position where its item fires,
+    the clean prefix's keys/values taken from one recorded base pass; False recomputes whole contexts (the
+    reference the tests hold it to).
     """
     items_t = torch.as_tensor(list(items), dtype=torch.long)
     D = _decoders(small, large)
-    C, T = cs.tokens.shape
     out = torch.zeros(len(items_t), dtype=torch.float64)
     pos_of_item = torch.full((int(item_of.max()) + 1,), -1, dtype=torch.long)
     pos_of_item[items_t] = torch.arange(len(items_t))
     bar = tqdm(total=len(items_t), desc="exact ΔCE", disable=not progress)
     for lo in range(0, len(items_t), items_per_chunk):
         chunk = items_t[lo:lo + items_per_chunk]
-        rows = list(_item_deltas(cs, item_of, signs, D, chunk))
-        if rows:
-            it, c, pos, delta = (torch.cat(x) for x in zip(*rows, strict=True))
-            pair_key, pair = torch.unique(it * C + c, return_inverse=True)
-            pert = delta.new_zeros(len(pair_key), T, D.shape[1])
-            pert.index_put_((pair, pos), delta, accumulate=True)
-            p_item, p_ctx = pair_key // C, pair_key % C
-            for b in range(0, len(pair_key), batch):
-                ctx = p_ctx[b:b + batch]
-                resid = cs.base[ctx] + pert[b:b + batch]
-                loss = lm.token_losses_from(cs.tokens[ctx], hook, resid).sum(1).cpu() - cs.base_loss[ctx]
-                out.index_add_(0, pos_of_item[p_item[b:b + batch]], loss.double())
+        p_item, p_ctx, first, pert = _pairs_of(cs, item_of, signs, D, chunk)
+        if len(p_item):
+            loss = _pair_loss_changes(lm, hook, cs, p_ctx, pert, first, batch, reuse_prefix)
+            out.index_add_(0, pos_of_item[p_item], loss)
         bar.update(len(chunk))
     bar.close()
     return (out / cs.n_tokens).float()
 
 
-def delta_ce_attribution(lm, hook: str, cs: CeSet, small: Sae, large: Sae, item_of: torch.Tensor,
-                         signs: torch.Tensor, n_items: int, batch_ctx: int = 8) -> torch.Tensor:
-    """Attribution estimate Σ_t <δ_t, dL/dx_t> for every item from one forward + backward per batch."""
+def _attribution_pairs(lm, hook: str, cs: CeSet, small: Sae, large: Sae, item_of: torch.Tensor,
+                       signs: torch.Tensor, batch_ctx: int):
+    """Σ_t <δ_t, dL/dx_t> per (item, context) where the item fires: (keys item * C + context, float64 values)."""
     D = _decoders(small, large)
-    T1 = cs.tokens.shape[1] - 1
+    C, T = cs.tokens.shape
     grads = []
-    for b in range(0, cs.tokens.shape[0], batch_ctx):
+    for b in range(0, C, batch_ctx):
         x = cs.base[b:b + batch_ctx].clone().requires_grad_(True)
         lm.token_losses_from(cs.tokens[b:b + batch_ctx], hook, x).sum().backward()
         grads.append(x.grad[:, 1:].reshape(-1, x.shape[-1]).cpu())
     G = torch.cat(grads)  # (N, d)
     sp = cs.sp
-    # <a_l d_l, g_t> for each nonzero, summed into items: only nnz dot products.
-    contrib = sp.value * signs[sp.latent] * (G[sp.t] * D[sp.latent]).sum(1)
-    return contrib.new_zeros(n_items).index_add_(0, item_of[sp.latent], contrib) / (cs.tokens.shape[0] * T1)
+    # <a_l d_l, g_t> for each nonzero: only nnz dot products.
+    contrib = (sp.value * signs[sp.latent] * (G[sp.t] * D[sp.latent]).sum(1)).double()
+    keys, inv = torch.unique(item_of[sp.latent] * C + sp.t // (T - 1), return_inverse=True)
+    return keys, contrib.new_zeros(len(keys)).index_add_(0, inv, contrib)
+
+
+def delta_ce_attribution(lm, hook: str, cs: CeSet, small: Sae, large: Sae, item_of: torch.Tensor,
+                         signs: torch.Tensor, n_items: int, batch_ctx: int = 8, exact_pairs: int = 0,
+                         batch: int = 16, reuse_prefix: bool | None = None) -> torch.Tensor:
+    """ΔCE of every item: attribution Σ_t <δ_t, dL/dx_t> from one forward + backward per batch of contexts.
+
+    exact_pairs > 0 corrects the estimate where it is least linear: the (item, context) pairs with the largest
+    attributed |change| (at most exact_pairs of them, over all items) get their exact loss change (one forward of
+    the context from the item's first firing position, as in delta_ce_exact), the others keep the first-order
+    term. A large effect is a large |attribution| in a few contexts (saturation of the downstream model is the
+    source of the error), so a budget of a few pairs per context fixes the ranking of the large effects.
+    """
+    C = cs.tokens.shape[0]
+    keys, val = _attribution_pairs(lm, hook, cs, small, large, item_of, signs, batch_ctx)
+    if exact_pairs > 0 and len(keys):
+        with torch.no_grad():
+            pick = torch.argsort(val.abs(), descending=True)[: exact_pairs]
+            chosen = keys[pick]
+            D = _decoders(small, large)
+            items = torch.unique(chosen // C)
+            for lo in range(0, len(items), 64):  # bounded dense perturbation tensors
+                p_item, p_ctx, first, pert = _pairs_of(cs, item_of, signs, D, items[lo:lo + 64], only=chosen)
+                exact = _pair_loss_changes(lm, hook, cs, p_ctx, pert, first, batch, reuse_prefix)
+                val[torch.searchsorted(keys, p_item * C + p_ctx)] = exact
+    out = val.new_zeros(n_items).index_add_(0, keys // C, val)
+    return (out / cs.n_tokens).to(_work_dtype(small, large))
 
 
 @torch.no_grad()
