@@ -152,7 +152,8 @@ def our_dashboard(lm, sae, tokens, k: int):
     return s, rows, boosted
 
 
-def run(quick: bool, layout: str = "matched", threads: int = 1) -> dict:
+def run(quick: bool, layout: str = "matched", threads: int = 1, width: int | None = None,
+        contexts: int | None = None) -> dict:
     import resource
 
     import torch
@@ -164,7 +165,8 @@ def run(quick: bool, layout: str = "matched", threads: int = 1) -> dict:
     if not ENV_PYTHON.is_file():
         raise SystemExit(f"{ENV_PYTHON} is missing: run `bash scripts/saedashboard_env.sh` first")
     torch.set_num_threads(threads)
-    width, n_ctx, T, k = (1024, 64, 128, 20) if quick else (4096, 256, 128, 20)
+    w0, c0, T, k = (512, 32, 128, 20) if quick else (4096, 256, 128, 20)
+    width, n_ctx = width or w0, contexts or c0
     lm = tiny_model("gpt2", seed=0, n_layers=MODEL["n_layers"], d_model=MODEL["d_model"], vocab=MODEL["vocab"])
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(1, MODEL["vocab"], (n_ctx, T), generator=g)
@@ -254,6 +256,7 @@ def child(folder: str) -> None:
     from sae_dashboard.components_config import (
         ActsHistogramConfig,
         Column,
+        FeatureTablesConfig,
         LogitsHistogramConfig,
         LogitsTableConfig,
         SequencesConfig,
@@ -292,13 +295,14 @@ def child(folder: str) -> None:
 
     if args["layout"] == "matched":
         layout = SaeVisLayoutConfig(columns=[
-            Column(ActsHistogramConfig(), LogitsTableConfig(), LogitsHistogramConfig()),
+            Column(FeatureTablesConfig(), ActsHistogramConfig(), LogitsTableConfig(), LogitsHistogramConfig()),
             Column(SequencesConfig(stack_mode="stack-none", buffer=None, compute_buffer=True, n_quantiles=0,
                                    top_acts_group_size=k))])
     else:  # SAEDashboard's default feature-centric layout (feature tables, 10 quantile groups, buffer (5, 5))
         layout = SaeVisLayoutConfig.default_feature_centric_layout()
     vis_cfg = SaeVisConfig(hook_point=args["hook"], features=list(range(sae.cfg.d_sae)), feature_centric_layout=layout,
-                           device="cpu", dtype="float32", verbose=False)
+                           device="cpu", dtype="float32", verbose=False,
+                           ignore_positions=[0])  # position 0 is never analysed by ours either
 
     base = _rss_mb()
     peak = [base]
@@ -330,6 +334,9 @@ def child(folder: str) -> None:
             q = sq.qualifying_token_index
             # with buffer=None the stored window is positions 1..T-1 of the context
             off = q - (T - len(sq.feat_acts))
+            if off < 0:  # position 0 (never shown): only picked when the latent has fewer than k active tokens
+                top_ctx[j, r], top_pos[j, r] = sq.original_index, q
+                continue
             assert sq.token_ids[off] == int(tokens[sq.original_index, q])
             top_ctx[j, r], top_pos[j, r], top_val[j, r] = sq.original_index, q, sq.feat_acts[off]
         count[j] = int(round(sum(fd.acts_histogram_data.bar_heights)))
@@ -345,7 +352,9 @@ def child(folder: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true")
-    p.add_argument("--quick", action="store_true", help="width 1024 on 64 contexts (default: 4096 on 256)")
+    p.add_argument("--quick", action="store_true", help="width 512 on 32 contexts (default: 4096 on 256)")
+    p.add_argument("--width", type=int, help="SAE width (overrides --quick's)")
+    p.add_argument("--contexts", type=int, help="number of 128-token contexts (overrides --quick's)")
     p.add_argument("--layout", choices=["matched", "default"], default="matched",
                    help="SAEDashboard layout: the parts ours computes (default) or its full default layout")
     p.add_argument("--threads", type=int, default=1, help="torch threads on both sides")
@@ -354,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.child:
         child(a.child)
         return 0
-    r = run(a.quick, a.layout, a.threads)
+    r = run(a.quick, a.layout, a.threads, a.width, a.contexts)
     print(f"saedashboard_ratio: {r['saedashboard_ratio']:.1f}x (goal >= 10): ours {r['cpu_seconds_ours']:.1f} CPU s, "
           f"SAEDashboard {r['cpu_seconds_saedashboard']:.1f} CPU s (wall {r['wall_ratio']:.1f}x) on width {r['sae_width']}, {r['n_tokens']} tokens; "
           f"top-{r['k']} agree {r['topk_agree']:.3f}, densities agree {r['density_agree']:.3f}")
