@@ -139,11 +139,9 @@ class Stage:
 
 
 def load_model(cfg: BuildConfig):
-    from metasae.lm import LanguageModel, tiny_model
+    from metasae.model_spec import load_model
 
-    if cfg.model.startswith("tiny:"):
-        return tiny_model(cfg.model.split(":", 1)[1], seed=cfg.seed)
-    return LanguageModel.load(cfg.model)
+    return load_model(cfg.model, seed=cfg.seed)
 
 
 def contexts(cfg: BuildConfig, lm, work: Path, log) -> torch.Tensor:

@@ -236,16 +236,10 @@ _WORKER_LM: dict = {}  # (source, dtype) -> LanguageModel, one per worker proces
 
 
 def load_model(source: str, dtype: torch.dtype = torch.float32, device: str | None = None):
-    """Load a model from its source string as `metasae build` does (tiny:<kind>[:<seed>] or LanguageModel.load)."""
-    from metasae.lm import LanguageModel, tiny_model
+    """Load a model from its source string as `metasae build` does (metasae.model_spec), on CUDA where there is one."""
+    from metasae.model_spec import load_model as load
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if source.startswith("tiny:"):
-        parts = source.split(":")
-        lm = tiny_model(parts[1], seed=int(parts[2]) if len(parts) > 2 and parts[2] else 0)
-        lm.model.to(device=device, dtype=dtype)
-        return lm
-    return LanguageModel.load(source, dtype=dtype, device=device)
+    return load(source, dtype=dtype, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def fingerprint(lm) -> float:
@@ -467,8 +461,9 @@ def _absolute_if_local(source: str) -> str:
     from pathlib import Path
 
     from metasae.lm import DEFAULT_MODEL
+    from metasae.model_spec import is_tiny
 
-    if source == DEFAULT_MODEL or source.startswith("tiny:"):
+    if source == DEFAULT_MODEL or is_tiny(source):
         return source
     path = Path(source).expanduser()
     return str(path.resolve()) if path.exists() else source  # else a hub id, resolved by each worker

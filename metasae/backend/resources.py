@@ -52,21 +52,10 @@ def device_name(device: str) -> str:
 
 
 def load_language_model(source: str, device: str):
-    """The model an atlas manifest names (`tiny:<kind>:<seed>` for the test preset, else LanguageModel.load)."""
-    from metasae.lm import LanguageModel, tiny_model
+    """The model an atlas manifest names (any spec metasae.model_spec understands), on the backend's device."""
+    from metasae.model_spec import load_model
 
-    config = Path(source).expanduser() / "config.json"
-    if config.is_file() and "auto_map" in config.read_text(encoding="utf-8", errors="replace"):
-        raise ValueError(f"{config} maps to custom code (auto_map): it needs trust_remote_code, which metasae "
-                         "never runs")
-    if source.startswith("tiny:"):
-        parts = source.split(":")
-        kind = parts[1] if len(parts) > 1 and parts[1] else "llama"
-        seed = int(parts[2]) if len(parts) > 2 and parts[2] else 0
-        lm = tiny_model(kind, seed=seed)
-        lm.model.to(device)
-        return lm
-    return LanguageModel.load(source, device=device)
+    return load_model(source, device=device)
 
 
 def load_problem(e: BaseException) -> str:
