@@ -333,13 +333,5 @@ def token_latent_heatmap(acts: pd.DataFrame, max_latents: int = 20) -> go.Figure
     return fig
 
 
-def empty_figure(message: str) -> go.Figure:
-    fig = _fig("", height=200)
-    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
-    fig.update_xaxes(visible=False)
-    fig.update_yaxes(visible=False)
-    return fig
-
-
 def finite(x: Any) -> bool:
     return x is not None and isinstance(x, (int, float)) and math.isfinite(x)

@@ -222,11 +222,6 @@ def ce_with_reconstruction(lm, hook: str, tokens: torch.Tensor, recon_fn: Callab
     return {"ce_clean": clean / n, "ce_loss": spliced / n, "ce_delta": (spliced - clean) / n}
 
 
-def ladder_widths(d_model: int, n: int, start_mult: int = 2) -> list[int]:
-    """Widths d·start_mult·2^i, i < n (the first demo atlas: 576·2 = 1152 .. 9216; the current one starts at 576)."""
-    return [d_model * start_mult * 2**i for i in range(n)]
-
-
 def train_ladder(store, widths: Sequence[int], cfg: TrainConfig, out_dir: str | Path, hook: str, model: str,
                  eval_ctx: int = 0, progress: bool = True, log: Callable[[str], None] = print,
                  only: Sequence[int] | None = None, center_mean: bool = False, dense_pcs: int = 0,

@@ -277,14 +277,9 @@ def meta_link(m: int, label: Any = None, extra: str = "") -> None:
               {"meta": int(m)})
 
 
-def latent_url(width: int, latent: int) -> str:
-    """A relative URL to a latent page (for LinkColumn cells)."""
-    q = link_params(width=int(width), latent=int(latent))
-    return "latent?" + "&".join(f"{k}={v}" for k, v in q.items())
-
-
 def with_links(df: pd.DataFrame) -> pd.DataFrame:
-    """Adds a first column 'open' of latent-page URLs built from the sae_width and latent columns."""
+    """Adds a first column 'open' of relative latent-page URLs (LinkColumn cells) from the sae_width and latent
+    columns; they carry the chosen atlas like every other link (link_params)."""
     df = df.copy()
     extra = "".join(f"&{k}={v}" for k, v in link_params().items())
     df.insert(0, "open", [f"latent?width={int(w)}&latent={int(i)}{extra}"
@@ -293,6 +288,10 @@ def with_links(df: pd.DataFrame) -> pd.DataFrame:
 
 
 LINK_COLUMN = {"open": st.column_config.LinkColumn("open", display_text="open ↗", width="small")}
+# Per-latent effects and densities in the latent tables (Stitching, Search): small signed numbers, one format.
+DELTA_COLUMNS = {c: st.column_config.NumberColumn(name, format="%.2e") for c, name in (
+    ("density", "density"), ("delta_mse", "ΔMSE"), ("delta_ce", "ΔCE"), ("delta_ce_attr", "ΔCE attr"),
+    ("group_delta_mse", "group ΔMSE"), ("group_delta_ce", "group ΔCE"))}
 
 
 def table(df: pd.DataFrame, name: str, column_config: dict[str, Any] | None = None, **kw: Any) -> None:

@@ -657,12 +657,6 @@ def pair_summary(atlas: Atlas, small: int, large: int) -> dict[str, Any]:
     return out
 
 
-def group_members(atlas: Atlas, width: int, group_id: int) -> list[int]:
-    """Latents of ``width`` in one swap group."""
-    g = atlas.latents_table(width, ["latent", "group_id"])
-    return [int(x) for x in g.loc[g["group_id"] == group_id, "latent"]]
-
-
 # --------------------------------------------------------------------------------------------- live
 
 

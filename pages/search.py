@@ -137,10 +137,7 @@ if results is not None and len(results):
         ui.latent_link(r.sae_width, r.latent, r.label, extra=f"  — {how}")
     table = ui.with_links(views.with_badges(shown.assign(label=shown["label"].map(views.show_token))))
     ui.table(table, f"search_page{page}", column_config={
-        **ui.LINK_COLUMN, "score": st.column_config.NumberColumn("score", format="%.3f"),
-        "density": st.column_config.NumberColumn("density", format="%.2e"),
-        "delta_mse": st.column_config.NumberColumn("ΔMSE", format="%.2e"),
-        "delta_ce": st.column_config.NumberColumn("ΔCE", format="%.2e"),
+        **ui.LINK_COLUMN, **ui.DELTA_COLUMNS, "score": st.column_config.NumberColumn("score", format="%.3f"),
         "decomp_fvu": st.column_config.NumberColumn("meta-SAE FVU", format="%.3f"),
         "decomp_entropy": st.column_config.NumberColumn("entropy", format="%.3f")})
     here = {k: v for k, v in st.query_params.to_dict().items() if k != "page"}

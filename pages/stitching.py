@@ -64,10 +64,7 @@ with ui.guard():
                                 "nearest_smaller": st.column_config.NumberColumn(f"nearest in {small}", format="%d"),
                                 "nearest_smaller_cos": st.column_config.NumberColumn("cos", format="%.3f"),
                                 "group_id": st.column_config.NumberColumn("swap group", format="%d"),
-                                "density": st.column_config.NumberColumn("density", format="%.2e"),
-                                **{c: st.column_config.NumberColumn(name, format="%.2e") for c, name in (
-                                    ("delta_mse", "ΔMSE"), ("delta_ce", "ΔCE"), ("delta_ce_attr", "ΔCE attr"),
-                                    ("group_delta_mse", "group ΔMSE"), ("group_delta_ce", "group ΔCE"))}})
+                                **ui.DELTA_COLUMNS})
 
 st.subheader("Run a fresh evaluation")
 st.caption("Measure this pair again on your own text or on more tokens of the atlas's corpus, through the metasae "

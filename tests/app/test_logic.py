@@ -292,7 +292,8 @@ def test_stitching_views(atlas):
     s = views.pair_summary(atlas, 64, 128)
     assert 0 < s["novel_frac"] < 1 and s["n_add"] + s["n_swap"] == len(atlas.stitching_curve(64, 128)) - 1
     assert -1 <= s["attr_spearman"] <= 1
-    assert 7 in views.group_members(atlas, 128, 2)
+    g = atlas.latents_table(128, ["latent", "group_id"])
+    assert 7 in set(g.loc[g["group_id"] == 2, "latent"])
 
 
 def test_live_views(atlas):

@@ -10,10 +10,7 @@ from fastapi import Body
 from pydantic import BaseModel, Discriminator, Field, Tag
 
 # JSON numbers only: "64" or 64.0 or true are refused, not coerced.
-StrictInt = Annotated[int, Field(strict=True)]
 NonNegInt = Annotated[int, Field(strict=True, ge=0)]
-PosInt = Annotated[int, Field(strict=True, gt=0)]
-FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 # A vector component: a JSON number (no "1_000", no true) within +-1e9. The meta-SAE computes in float32, whose
 # squares overflow past ~1.8e19 (the fuzz found a component of 2.2e19 giving an infinite FVU); residual streams
 # stay far below (SmolLM2's attention sink, the largest seen here, is ~2.4e4).
