@@ -12,7 +12,9 @@
 #    Chromium without a traceback, no process running as root, a set-but-empty METASAE_TOKEN refused at start,
 #    and `docker stop` ending it inside the grace period (by its own SIGTERM handling, not SIGKILL);
 # 4. compose.yaml: every profile parses with the expected values, and the `single` one starts here (its GPU
-#    reservation removed: this machine has no NVIDIA runtime) and answers on a loopback port.
+#    reservation removed: this machine has no NVIDIA runtime) and answers on a loopback port; then (unless
+#    METASAE_CHECK_SPLIT=0) the split one: gpu-host (backend + Ray head) and cpu-host (app) on this machine's
+#    loopback, and a small stitching job that runs through the Ray head.
 #
 # Environment: METASAE_CHECK_IMAGE (tag, default metasae:check), METASAE_BASE_IMAGE (default local),
 # METASAE_CHECK_SKIP_BUILD=1 (use the existing METASAE_CHECK_IMAGE), METASAE_CHECK_KEEP_IMAGE=0 (remove the image
@@ -45,6 +47,9 @@ cleanup() {
   docker rm -f "$name" "$name-empty-token" >/dev/null 2>&1 || true
   if [ -f "$tmp/compose.yaml" ]; then
     docker-compose -p "$project" -f "$tmp/compose.yaml" down -v --timeout 10 >/dev/null 2>&1 || true
+  fi
+  if [ -f "$tmp/split-compose.yaml" ]; then
+    docker-compose -p "${project}split" -f "$tmp/split-compose.yaml" down -v --timeout 10 >/dev/null 2>&1 || true
   fi
   if [ "${METASAE_CHECK_KEEP_IMAGE:-1}" = 0 ]; then
     docker image rm -f "$image" >/dev/null 2>&1 || true
@@ -289,6 +294,87 @@ done
 curl -fsS -m 5 "http://127.0.0.1:$compose_port/_stcore/health" >/dev/null || fail "compose: the app does not answer"
 echo "compose single: healthy after $(($(date +%s) - t0)) s, the app answers on 127.0.0.1:$compose_port"
 docker-compose -p "$project" -f "$tmp/compose.yaml" down -v --timeout "$grace" >/dev/null 2>&1
+
+if [ "${METASAE_CHECK_SPLIT:-1}" = 1 ]; then
+  say "compose.yaml: the split setup starts here (gpu-host: backend + Ray head; cpu-host: app), a stitching job via Ray"
+  read -r split_backend split_ray split_app < <("$py" -c '
+import socket
+socks = [socket.socket() for _ in range(3)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(*[s.getsockname()[1] for s in socks])')
+  METASAE_IMAGE="$image" METASAE_TOKEN="$token" METASAE_BACKEND_BIND=127.0.0.1 METASAE_BACKEND_PORT="$split_backend" \
+    METASAE_RAY_PORT="$split_ray" docker-compose -f compose.yaml --profile gpu-host --profile cpu-host config \
+    >"$tmp/split.yaml"
+  "$py" - "$tmp" "$split_app" "$split_backend" <<'PY'
+import sys
+
+import yaml
+
+tmp, app_port, backend_port = sys.argv[1:4]
+cfg = yaml.safe_load(open(f"{tmp}/split.yaml"))
+# `config` lists every service; keep the two of these profiles
+cfg["services"] = {k: v for k, v in cfg["services"].items() if {"gpu-host", "cpu-host"} & set(v.get("profiles", []))}
+assert set(cfg["services"]) == {"backend", "app"}, cfg["services"].keys()
+for name, svc in cfg["services"].items():
+    for key in ("deploy", "build", "profiles", "ports"):
+        svc.pop(key, None)  # no NVIDIA runtime here; the image built above; one file for both hosts
+    svc["restart"] = "no"
+    svc["healthcheck"] = {"interval": "3s"}
+    svc["network_mode"] = "host"  # both "hosts" are this machine: everything on loopback
+svc = cfg["services"]["backend"]
+svc["shm_size"] = "1gb"
+app = cfg["services"]["app"]["environment"]
+app.update(METASAE_APP_HOST="127.0.0.1", METASAE_APP_PORT=app_port,
+           METASAE_BACKEND_URL=f"http://127.0.0.1:{backend_port}")
+yaml.safe_dump(cfg, open(f"{tmp}/split-compose.yaml", "w"))
+PY
+  t0=$(date +%s)
+  split_url="http://127.0.0.1:$split_backend"
+  docker-compose -p "${project}split" -f "$tmp/split-compose.yaml" up -d >"$tmp/split-up.log" 2>&1 ||
+    fail "docker-compose up (split) failed: $(tail -5 "$tmp/split-up.log")"
+  for svc in backend app; do
+    cid="$(docker-compose -p "${project}split" -f "$tmp/split-compose.yaml" ps -q "$svc")"
+    [ -n "$cid" ] || fail "split: no $svc container"
+    for _ in $(seq 1 120); do
+      status="$(docker inspect -f '{{.State.Health.Status}} {{.State.Status}}' "$cid")"
+      case "$status" in
+        healthy*) break ;;
+        *exited* | *dead*) docker logs --tail 30 "$cid" >&2; fail "split: $svc stopped: $status" ;;
+      esac
+      sleep 2
+    done
+    [[ "$status" == healthy* ]] || fail "split: $svc not healthy after 240 s: $status"
+  done
+  echo "split: backend (Ray head) and app healthy after $(($(date +%s) - t0)) s"
+  CHECK_BACKEND="$split_url" CHECK_TOKEN="$token" "$py" - <<'PY'
+import json
+import os
+import time
+import urllib.request
+
+url, headers = os.environ["CHECK_BACKEND"], {"Content-Type": "application/json",
+                                             "Authorization": f"Bearer {os.environ['CHECK_TOKEN']}"}
+widths = sorted(s["width"] for s in json.load(open("data/manifest.json"))["saes"])
+body = {"small": widths[0], "large": widths[1], "n_tokens": 512, "metrics": ["mse"]}
+req = urllib.request.Request(url + "/v1/stitch", data=json.dumps(body).encode(), headers=headers)
+job = json.loads(urllib.request.urlopen(req, timeout=60).read())["job_id"]
+t = time.monotonic()
+while True:
+    j = json.loads(urllib.request.urlopen(urllib.request.Request(f"{url}/v1/jobs/{job}", headers=headers),
+                                          timeout=30).read())
+    if j["status"] in ("done", "failed", "cancelled") or time.monotonic() - t > 600:
+        break
+    time.sleep(2)
+assert j["status"] == "done", j
+kinds = j["result"]["kind"]
+print(f"split: stitching job {body['small']}->{body['large']} on {j['result']['n_tokens']} tokens through the Ray "
+      f"head: done in {time.monotonic() - t:.0f}s, {kinds.count('novel')}/{len(kinds)} novel")
+PY
+  docker-compose -p "${project}split" -f "$tmp/split-compose.yaml" logs backend 2>&1 | grep -q "Connected to Ray cluster" ||
+    fail "split: the backend did not use the Ray head"
+  docker-compose -p "${project}split" -f "$tmp/split-compose.yaml" down -v --timeout "$grace" >/dev/null 2>&1
+fi
 
 say "container check passed"
 echo "image $image: $size, build time $build_s, healthy after $healthy_s s, docker stop in $stop_s s," \

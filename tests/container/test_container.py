@@ -50,3 +50,6 @@ def test_container_check_script_passes():
     for line in ("healthy after", "/v1/encode", "/v1/activations", "401 without it", "app page in Chromium",
                  "stopped in", "compose single: healthy", "container check passed"):
         assert line in out, f"{line!r} missing from:\n{out[-4000:]}"
+    if os.environ.get("METASAE_CHECK_SPLIT", "1") == "1":
+        line = "through the Ray head: done"
+        assert line in out, f"{line!r} missing from:\n{out[-4000:]}"
