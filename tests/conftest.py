@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,29 @@ torch.set_num_threads(1)
 os.environ["OMP_NUM_THREADS"] = "1"  # and for the subprocesses some tests start
 # Tests choose their atlases; the bundled data/ atlas would add itself to the app's atlas list.
 os.environ["METASAE_BUNDLED"] = os.path.join(os.path.dirname(__file__), "no-bundled-atlas")
+
+
+# --- the fast inner loop: `pytest -m "not slow"` (CI runs everything) -------------------------------------------
+# A test is slow when it starts processes (backend servers, Ray, Streamlit, the container entrypoint), runs a full
+# build, loads the real SmolLM2 or drives a browser. Marked here by folder and by the fixtures that do those things
+# (pytest resolves fixtures transitively, so every test behind `tiny_atlas` counts), so a new test that uses one is
+# marked without a decorator; the few tests that do such work inline carry @pytest.mark.slow themselves.
+SLOW_FOLDERS = {"browser", "container"}
+SLOW_FIXTURES = {
+    "smollm2",  # the real SmolLM2 (~20 s to load)
+    "tiny_atlas",  # a full `metasae build --preset tiny` (tests/backend, tests/unit/test_build.py)
+    "servers",  # two `metasae backend` processes
+    "real_backend",  # a tiny build and a backend process (tests/app/test_real_backend.py)
+    "ray_local",  # a local Ray cluster
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    tests = Path(__file__).parent
+    for item in items:
+        folder = Path(item.path).relative_to(tests).parts[0] if Path(item.path).is_relative_to(tests) else ""
+        if folder in SLOW_FOLDERS or SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

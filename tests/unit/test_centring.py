@@ -41,6 +41,7 @@ def test_fit_finds_the_mean_and_the_leading_direction() -> None:
     assert abs(float(d.V[0, 0])) > 0.99
 
 
+@pytest.mark.slow  # worker processes
 def test_run_jobs_in_processes_returns_results_in_order() -> None:
     jobs = [functools.partial(operator.mul, i, 10) for i in range(5)]
     assert run_jobs(jobs, workers=2, costs=[1, 5, 2, 4, 3]) == [0, 10, 20, 30, 40]

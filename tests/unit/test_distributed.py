@@ -198,6 +198,7 @@ def test_ray_cancel_then_results_equal_single_process(ray_local, lm, pair, token
     assert any("shard 3/3" in msg for _, msg in seen)
 
 
+@pytest.mark.slow  # starts Ray
 def test_ray_started_off_the_main_thread_is_owned_by_a_thread_that_lives_on():
     """A local Ray dies with the thread that started it: a backend job thread must not be that thread."""
     import threading

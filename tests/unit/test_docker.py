@@ -132,6 +132,7 @@ def test_compose_file_has_the_two_deployments():
     assert "METASAE_BACKEND_URL" in cpu["environment"] and "METASAE_BACKEND_URL" in cpu["command"][-1]
 
 
+@pytest.mark.slow  # docker-compose processes (~95 s each on a loaded 2-core machine)
 @pytest.mark.parametrize("profile", ["single", "gpu-host", "cpu-host"])
 def test_docker_compose_config_parses_each_profile(profile):
     compose = shutil.which("docker-compose")
@@ -402,6 +403,7 @@ def _health(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=30)
 
 
+@pytest.mark.slow  # healthcheck processes
 def test_healthcheck_asks_the_backend_or_the_app_by_mode(tmp_path, health_server):
     port, seen = health_server
     r = _health(tmp_path, METASAE_BACKEND_PORT=str(port))

@@ -31,6 +31,7 @@ def _sae_lens_sae(d_in: int, width: int, hook: str, seed: int, apply_b_dec: bool
     return sae
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_from_pretrained_reads_an_offline_hub_cache(tmp_path: Path) -> None:
     """sae-lens's real from_pretrained (release yaml -> repo -> hf_hub_download) with HF_HUB_OFFLINE=1."""
     snap = tmp_path / "hub" / REPO / "snapshots" / ("0" * 40)
@@ -54,6 +55,7 @@ def test_from_pretrained_reads_an_offline_hub_cache(tmp_path: Path) -> None:
     assert float(total) == pytest.approx(float(sae.encode(x).sum()), rel=1e-5)
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_offline_hub_miss_is_a_clear_error(tmp_path: Path) -> None:
     code = f"from metasae.sae import Sae\nSae.from_pretrained('{RELEASE}', 'blocks.8.hook_resid_pre_768')\n"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path), "HF_HOME": str(tmp_path)}
@@ -79,6 +81,7 @@ def test_import_ladder_from_folders_keeps_outputs(tmp_path: Path, apply_b_dec: b
         import_ladder(["not-a-release"])
 
 
+@pytest.mark.slow  # a full build
 def test_build_with_imported_ladder(tmp_path: Path) -> None:
     """`metasae build --import-release FOLDER` runs every stage on sae-lens SAEs instead of training."""
     hook = "blocks.2.hook_resid_pre"

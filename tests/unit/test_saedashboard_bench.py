@@ -82,6 +82,7 @@ def test_density_counts():
     assert sd.compare_logits(np.array([[1, 2], [3, 4]]), np.array([[2, 1], [3, 5]])) == 0.5
 
 
+@pytest.mark.slow  # runs both generators, SAEDashboard in its own venv
 @pytest.mark.skipif(not sd.ENV_PYTHON.is_file(), reason="SAEDashboard's venv is absent (bash scripts/saedashboard_env.sh)")
 def test_full_run_prints_the_json_keys(capsys):
     assert sd.main(["--quick", "--json"]) == 0
