@@ -38,12 +38,14 @@ def _words(tokens) -> list[str]:
 
 
 def role_score(top_tokens, words: frozenset[str], n: int = 8) -> float:
-    """Share of the first n top tokens that are words of the role (a word piece of 3+ letters counts when a
-    role word starts with it, so "phys" matches "physics")."""
+    """Share of the first n top tokens that are words of the role (a word piece of 4+ letters counts when a
+    role word other than a name starts with it, so "phys" matches "physics")."""
     toks = _words(list(top_tokens)[:n])
     if not toks:
         return 0.0
-    hit = sum(1 for t in toks if t in words or (len(t) >= 4 and any(w.startswith(t) for w in words)))
+    # names match whole words only: "church" is not Churchill
+    stems = words - FAMOUS
+    hit = sum(1 for t in toks if t in words or (len(t) >= 4 and any(w.startswith(t) for w in stems)))
     return hit / len(toks)
 
 

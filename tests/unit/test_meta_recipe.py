@@ -134,6 +134,8 @@ def test_showcase_prefers_german_and_counts_named_statesmen() -> None:
     })
     picks = {p["role"]: p for p in showcase.choose(lat)}
     assert (picks["nationality"]["width"], picks["nationality"]["latent"]) == (8, 1)  # German beats a purer French
+    assert showcase.role_score([" church", " Church"], showcase.PERSON) == 0  # not Churchill
+    assert showcase.role_score([" phys", " Church"], showcase.SCIENCE) == 0.5  # stems of non-names still count
     d = pd.DataFrame({"sae_width": 8, "latent": [2, 3, 4, 0], "meta_latent": 7, "weight": 1.0, "rank": 0})
     chk = showcase.check({"width": 8, "latent": 0}, [d], lat)
     assert chk["seeds"][0]["scientist_members"] == 2  # Lincoln/Jefferson and Newton/Leibniz; not Mozart/Bach
