@@ -338,11 +338,9 @@ def lab_body(width: int, latent: int, prompt: str, targets: Sequence[str], remov
 
 
 def via_backend(backend: Any, body: dict[str, Any]) -> dict[str, Any]:
-    """POST /v1/intervene through a metasae backend client. The HTTP client (backend/client.py) has no
-    `intervene` method yet, so its generic request is used; a backend object with one (a test fake) is asked."""
-    if hasattr(backend, "intervene"):
-        return dict(backend.intervene(body))
-    return backend._request("POST", "/v1/intervene", body)
+    """POST /v1/intervene through a metasae backend client (or a test fake), as plain nested dicts."""
+    result = backend.intervene(**body)
+    return result.model_dump() if hasattr(result, "model_dump") else dict(result)
 
 
 def summary_table(result: dict[str, Any]) -> Any:

@@ -37,6 +37,7 @@ from metasae.backend.schemas import (
     JobResponse,
     StitchStarted,
 )
+from metasae.backend.schemas.intervene import InterveneResponse
 
 __all__ = ["Backend", "BackendError", "HttpBackend", "LocalBackendProcess", "get_backend", "stop_local_backend"]
 
@@ -59,6 +60,7 @@ class HttpBackend:
         "job": ("GET", "/v1/jobs/{job_id}", JobResponse),
         "cancel": ("DELETE", "/v1/jobs/{job_id}", JobResponse),
         "jobs": ("GET", "/v1/jobs", JobResponse),  # a list of them
+        "intervene": ("POST", "/v1/intervene", InterveneResponse),
     }
 
     def __init__(self, url: str, token: str | None = None, timeout: float = DEFAULT_TIMEOUT_S):
@@ -124,6 +126,17 @@ class HttpBackend:
 
     def activations(self, text: str, width: int, top_k: int = 5) -> ActivationsResponse:
         return self._call("activations", {"text": text, "width": width, "top_k": top_k})
+
+    def intervene(self, prompt: str, width: int, latent: int, edits: list[dict[str, Any]], *,
+                  positions: str | None = None, fire_latent: int | None = None, targets: list[str] | None = None,
+                  top_k: int | None = None, max_new_tokens: int | None = None) -> InterveneResponse:
+        """POST /v1/intervene (fields as in metasae.backend.schemas.intervene; None = the route's default)."""
+        body: dict[str, Any] = {"prompt": prompt, "width": width, "latent": latent, "edits": edits}
+        for k, v in (("positions", positions), ("fire_latent", fire_latent), ("targets", targets),
+                     ("top_k", top_k), ("max_new_tokens", max_new_tokens)):
+            if v is not None:
+                body[k] = v
+        return self._call("intervene", body)
 
     def start_stitch(self, small: int, large: int, *, text: str | None = None, n_tokens: int | None = None,
                      metrics: tuple[str, ...] = ("mse", "ce"), threshold: float | None = None) -> StitchStarted:

@@ -25,7 +25,7 @@ class LabBackend:
     def health(self) -> dict:
         return {"status": "ready", "device": "cpu", "model": "synthetic"}
 
-    def intervene(self, body: dict) -> dict:
+    def intervene(self, **body) -> dict:  # HttpBackend.intervene's keywords
         self.bodies.append(body)
         r = self.client.post("/v1/intervene", json=body)
         if r.status_code >= 400:

@@ -148,3 +148,16 @@ def test_the_contract_lists_the_route_with_the_atlas_widths(client):
     assert r.status_code == 204 and r.headers["allow"] == "OPTIONS, POST"
     r = client.get("/v1/intervene")
     assert r.status_code == 405 and r.json()["detail"].startswith("method: ")
+
+
+def test_the_http_client_answers_what_the_route_answers(client):
+    from metasae.backend.client import BackendError, HttpBackend
+    from metasae.intervene import via_backend
+
+    be = HttpBackend("http://127.0.0.1")
+    be._http = client  # the in-process app behind the real client's parsing
+    body = {"prompt": PROMPT, "width": WIDTH, "latent": L, "targets": [" Paris"], "top_k": 3,
+            "edits": [{"kind": "ablate"}]}
+    assert via_backend(be, body) == client.post("/v1/intervene", json=body).json()
+    with pytest.raises(BackendError, match="latent"):
+        be.intervene(**{**body, "latent": 64})
