@@ -120,6 +120,19 @@ def test_a_second_build_into_the_same_folder_is_locked_out(tmp_path: Path, capsy
     assert not out.exists() and not (work / "config.json").exists()
 
 
+def test_a_second_build_into_the_same_out_is_locked_out_even_with_its_own_work_folder(tmp_path: Path,
+                                                                                     capsys) -> None:
+    import fcntl
+
+    out = tmp_path / "atlas"
+    with open(tmp_path / f".{out.name}.build.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running build into `out` (other --work) holds it
+        code = main(["build", "--preset", "tiny", "--out", str(out), "--work", str(tmp_path / "w2"), "--quiet"])
+    assert code == 2
+    assert "another `metasae build` is running" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "w2" / "config.json").exists()
+
+
 def test_bool_flags_parse_false_as_false() -> None:
     from metasae.cli import parser
 
