@@ -94,15 +94,10 @@ def family_match(m: st.Match) -> st.Match:
     """
     from dataclasses import replace
 
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     S, L = m.n_small, m.n_large
     parent = np.asarray(m.nearest_small)
     orphan = np.setdiff1d(np.arange(S), parent)
     rows = np.concatenate([parent, orphan])
     cols = np.concatenate([S + np.arange(L), S + np.asarray(m.nearest_large)[orphan]])
-    n = S + L
-    k, labels = connected_components(coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n)), directed=False)
-    _, first = np.unique(labels, return_index=True)
-    return replace(m, group=np.argsort(np.argsort(first))[labels].astype(np.int64), n_groups=int(k))
+    group, n_groups = st.components(S + L, rows, cols)
+    return replace(m, group=group, n_groups=n_groups)

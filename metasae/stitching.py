@@ -99,15 +99,19 @@ def match(small: Sae, large: Sae, threshold: float = 0.7, chunk: int = 4096) -> 
         li, si = torch.nonzero(cos >= threshold, as_tuple=True)
         edges.append(torch.stack([si, li + b], 1))
     e = torch.cat(edges).numpy() if edges else np.zeros((0, 2), dtype=np.int64)
-    n = S + L
-    graph = coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1] + S)), shape=(n, n))
-    n_groups, labels = connected_components(graph, directed=False)
-    # Renumber groups by their first latent so ids are stable and deterministic.
-    _, first = np.unique(labels, return_index=True)
-    order = np.argsort(np.argsort(first))
+    group, n_groups = components(S + L, e[:, 0], e[:, 1] + S)
     return Match(threshold=float(threshold), n_small=S, n_large=L, nearest_small=arg_s.numpy(),
                  nearest_small_cos=best_s.numpy(), nearest_large=arg_l.numpy(), nearest_large_cos=best_l.numpy(),
-                 group=order[labels].astype(np.int64), n_groups=int(n_groups), edges=e)
+                 group=group, n_groups=n_groups, edges=e)
+
+
+def components(n: int, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, int]:
+    """Connected components of an n-node undirected graph given by edges (rows[i], cols[i]), as (group id per
+    node, number of groups); groups are numbered by their first node so ids are stable and deterministic."""
+    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
+    n_groups, labels = connected_components(graph, directed=False)
+    _, first = np.unique(labels, return_index=True)
+    return np.argsort(np.argsort(first))[labels].astype(np.int64), int(n_groups)
 
 
 # --- sparse activations -----------------------------------------------------------------------------------
