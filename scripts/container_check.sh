@@ -93,13 +93,18 @@ echo "build time: $build_s; image size: $size"
 [ -n "$(docker image inspect -f '{{if .Config.Healthcheck}}{{.Config.Healthcheck.Test}}{{end}}' "$image")" ] ||
   fail "the image has no HEALTHCHECK"
 
-# --- 3. the container -------------------------------------------------------------------------------------------
-read -r backend_port app_port compose_port < <("$py" -c '
-import socket
-socks = [socket.socket() for _ in range(3)]
+# N free loopback ports, printed on one line
+free_ports() {
+  "$py" -c '
+import socket, sys
+socks = [socket.socket() for _ in range(int(sys.argv[1]))]
 for s in socks:
     s.bind(("127.0.0.1", 0))
-print(*[s.getsockname()[1] for s in socks])')
+print(*[s.getsockname()[1] for s in socks])' "$1"
+}
+
+# --- 3. the container -------------------------------------------------------------------------------------------
+read -r backend_port app_port compose_port < <(free_ports 3)
 token="$("$py" -c 'import secrets; print(secrets.token_hex(16))')"
 say "docker run $image: backend on 127.0.0.1:$backend_port, app on 127.0.0.1:$app_port (host network)"
 t0=$(date +%s)
@@ -297,12 +302,7 @@ docker-compose -p "$project" -f "$tmp/compose.yaml" down -v --timeout "$grace" >
 
 if [ "${METASAE_CHECK_SPLIT:-1}" = 1 ]; then
   say "compose.yaml: the split setup starts here (gpu-host: backend + Ray head; cpu-host: app), a stitching job via Ray"
-  read -r split_backend split_ray split_app < <("$py" -c '
-import socket
-socks = [socket.socket() for _ in range(3)]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(*[s.getsockname()[1] for s in socks])')
+  read -r split_backend split_ray split_app < <(free_ports 3)
   METASAE_IMAGE="$image" METASAE_TOKEN="$token" METASAE_BACKEND_BIND=127.0.0.1 METASAE_BACKEND_PORT="$split_backend" \
     METASAE_RAY_PORT="$split_ray" docker-compose -f compose.yaml --profile gpu-host --profile cpu-host config \
     >"$tmp/split.yaml"
