@@ -200,5 +200,5 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
 def openapi_contract(atlas: str = "data", token: bool = True) -> dict:
     """The OpenAPI document a backend for `atlas` publishes (with a token set, or without); what
     scripts/openapi.py writes to docs/openapi.json. Reads only the atlas's manifest, loads nothing."""
-    settings = Settings(atlas=str(atlas), token="x" if token else None).validated()
+    settings = Settings.from_values(atlas=str(atlas), token="x" if token else None)  # not the shell's METASAE_*
     return create_app(settings, Resources(settings, device="cpu"), background=False).openapi()

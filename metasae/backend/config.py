@@ -28,97 +28,137 @@
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_STITCH_FN = "metasae.distributed:stitch_eval"
+ENV_PREFIX = "METASAE_"
+BLANK_ENV_TOKEN = ("METASAE_TOKEN is set but empty: unset it to run without authentication, or give the token every "
+                   "/v1 request must send")
 
 
-def _env(name: str, default: Any, kind: type) -> Any:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        if kind is bool:
-            return raw.strip().lower() in ("1", "true", "yes", "on")
-        return kind(raw)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={raw!r} is not a valid {kind.__name__}") from None
+class _BlankIsUnset(EnvSettingsSource):
+    """A blank METASAE_* variable reads as unset (its default), as `VAR= cmd` and compose files give blanks; except
+    the token, where a blank is far more likely a failed secret lookup than a wish to run without authentication."""
+
+    def __call__(self) -> dict[str, Any]:
+        values = super().__call__()
+        blank = {k for k, v in values.items() if isinstance(v, str) and not v.strip()}
+        if "token" in blank:
+            raise ValueError(BLANK_ENV_TOKEN)
+        return {k: v for k, v in values.items() if k not in blank}
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Everything the service reads from its environment; see the module docstring for the variables."""
+class Settings(BaseSettings):
+    """Everything the service reads from its environment; see the module docstring for the variables.
+
+    `Settings()` reads METASAE_* variables over the defaults and keyword arguments over both; `from_env` is that with
+    the errors reworded for the command line; `from_values` ignores the environment."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
 
     atlas: str = "data"
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = Field(8000, ge=0, le=65535)
     token: str | None = None
     ray_address: str | None = None
     device: str = "auto"
-    idle_timeout_s: float = 600.0
-    max_body_bytes: int = 1_000_000
-    max_text_chars: int = 20_000
-    max_tokens: int = 2048
-    max_stitch_tokens: int = 262_144
-    max_jobs: int = 8
+    idle_timeout_s: float = Field(600.0, ge=0)
+    max_body_bytes: int = Field(1_000_000, ge=1)
+    max_text_chars: int = Field(20_000, ge=1)
+    max_tokens: int = Field(2048, ge=1)
+    max_stitch_tokens: int = Field(262_144, ge=1)
+    max_jobs: int = Field(8, ge=1)
     job_ttl_s: float = 3600.0
     torch_threads: int = 0
     preload: bool = False
     stitch_fn: str = DEFAULT_STITCH_FN
-    load_delay_s: float = 0.0
+    load_delay_s: float = Field(0.0, ge=0)
     parent_pid: int | None = None
-    allowed_hosts: tuple[str, ...] | None = None  # None: auto (see the module docstring)
+    # NoDecode: a comma list, not the JSON pydantic-settings expects for a tuple; None: auto (module docstring)
+    allowed_hosts: Annotated[tuple[str, ...] | None, NoDecode] = None
     public_docs: bool = False
 
     @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # No .env file or secrets folder: the service's inputs are the flags and the process environment, nothing
+        # picked up from whatever directory it was started in.
+        return init_settings, _BlankIsUnset(settings_cls)
+
+    @field_validator("token")
+    @classmethod
+    def _token_not_blank(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("token is set but empty: give a token, or none to run without authentication")
+        return v.strip() if v is not None else None
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _comma_list(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return tuple(h.strip().lower() for h in v.split(",") if h.strip())
+        return v
+
+    @field_validator("stitch_fn")
+    @classmethod
+    def _module_function(cls, v: str) -> str:
+        if ":" not in v:
+            raise ValueError(f"stitch_fn must be module:function, got {v!r}")
+        return v
+
+    @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
-        """Settings from METASAE_* variables; keyword arguments that are not None win over them."""
-        d = cls()
-        raw_token = os.environ.get("METASAE_TOKEN")
-        if raw_token is not None and not raw_token.strip():
-            raise ValueError("METASAE_TOKEN is set but empty: unset it to run without authentication, or give the "
-                             "token every /v1 request must send")
-        hosts = _env("METASAE_ALLOWED_HOSTS", None, str)
-        env = {
-            "atlas": _env("METASAE_ATLAS", d.atlas, str),
-            "host": _env("METASAE_HOST", d.host, str),
-            "port": _env("METASAE_PORT", d.port, int),
-            "token": _env("METASAE_TOKEN", None, str),
-            "ray_address": _env("METASAE_RAY_ADDRESS", None, str),
-            "device": _env("METASAE_DEVICE", d.device, str),
-            "idle_timeout_s": _env("METASAE_IDLE_TIMEOUT_S", d.idle_timeout_s, float),
-            "max_body_bytes": _env("METASAE_MAX_BODY_BYTES", d.max_body_bytes, int),
-            "max_text_chars": _env("METASAE_MAX_TEXT_CHARS", d.max_text_chars, int),
-            "max_tokens": _env("METASAE_MAX_TOKENS", d.max_tokens, int),
-            "max_stitch_tokens": _env("METASAE_MAX_STITCH_TOKENS", d.max_stitch_tokens, int),
-            "max_jobs": _env("METASAE_MAX_JOBS", d.max_jobs, int),
-            "job_ttl_s": _env("METASAE_JOB_TTL_S", d.job_ttl_s, float),
-            "torch_threads": _env("METASAE_TORCH_THREADS", d.torch_threads, int),
-            "preload": _env("METASAE_PRELOAD", d.preload, bool),
-            "stitch_fn": _env("METASAE_STITCH_FN", d.stitch_fn, str),
-            "load_delay_s": _env("METASAE_LOAD_DELAY_S", d.load_delay_s, float),
-            "parent_pid": _env("METASAE_PARENT_PID", None, int),
-            "allowed_hosts": tuple(h.strip().lower() for h in hosts.split(",") if h.strip()) if hosts else None,
-            "public_docs": _env("METASAE_PUBLIC_DOCS", d.public_docs, bool),
-        }
-        env.update({k: v for k, v in overrides.items() if v is not None})
-        unknown = set(env) - {f.name for f in fields(cls)}
+        """Settings from METASAE_* variables; keyword arguments that are not None (the `metasae backend` flags) win
+        over them. Errors are one ValueError line naming the variable (or setting) and the value."""
+        unknown = set(overrides) - set(cls.model_fields)
         if unknown:
             raise TypeError(f"unknown settings {sorted(unknown)}")
-        return cls(**env).validated()
+        given = {k: v for k, v in overrides.items() if v is not None}
+        try:
+            return cls(**given)
+        except ValidationError as e:
+            raise ValueError(_explain(e, given)) from None
 
-    def validated(self) -> Settings:
-        for name in ("max_body_bytes", "max_text_chars", "max_tokens", "max_stitch_tokens", "max_jobs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"setting {name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.port < 65536:
-            raise ValueError(f"port must be 0..65535, got {self.port}")
-        if self.idle_timeout_s < 0 or self.load_delay_s < 0:
-            raise ValueError("idle_timeout_s and load_delay_s must be >= 0")
-        if ":" not in self.stitch_fn:
-            raise ValueError(f"stitch_fn must be module:function, got {self.stitch_fn!r}")
-        if self.token is not None and not self.token.strip():
-            raise ValueError("token is set but empty: give a token, or none to run without authentication")
-        return replace(self, token=self.token.strip() if self.token else None)
+    @classmethod
+    def from_values(cls, **values: Any) -> Settings:
+        """These values over the defaults, the environment ignored: for documents that must not depend on the
+        shell they are generated in (docs/openapi.json)."""
+        try:
+            checked = _NoEnv(**values)
+        except ValidationError as e:
+            raise ValueError(_explain(e, values)) from None
+        # Validated above by the same fields and validators; model_construct only gives the instance this class.
+        return cls.model_construct(**dict(checked))
+
+
+class _NoEnv(Settings):
+    """Settings from keyword arguments and defaults only (what `Settings.from_values` validates with)."""
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
+def _explain(e: ValidationError, given: dict[str, Any]) -> str:
+    """`environment variable METASAE_PORT='x': <why>` (or `setting port=...` for a flag) for each bad value."""
+    parts = []
+    for err in e.errors(include_url=False):
+        field = str(err["loc"][0]) if err["loc"] else ""
+        why = err["msg"].removeprefix("Value error, ")
+        if field and field not in given:
+            parts.append(f"environment variable {ENV_PREFIX}{field.upper()}={err['input']!r}: {why}")
+        elif field:
+            parts.append(f"setting {field}={err['input']!r}: {why}")
+        else:
+            parts.append(why)
+    return "; ".join(parts)

@@ -55,7 +55,7 @@ def test_a_blank_token_is_an_error_at_start(monkeypatch, tiny_atlas, capsys, bla
     assert main(["backend", "--atlas", str(tiny_atlas), "--port", "0"]) == 2
     assert "METASAE_TOKEN is set but empty" in capsys.readouterr().err
     with pytest.raises(ValueError, match="token is set but empty"):
-        Settings(token=blank).validated()
+        Settings.from_values(token=blank)
 
 
 # -- 3. weights that pass an old verify but cannot be served
