@@ -11,7 +11,7 @@ from streamlit.testing.v1 import AppTest
 
 from metasae.synthetic_atlas import make_synthetic_atlas
 
-APP = str(Path(__file__).resolve().parents[2] / "app.py")
+APP = str(Path(__file__).resolve().parents[2] / "dashboard.py")  # app.py only serves it (st.App)
 
 
 @pytest.fixture(scope="session")

@@ -184,6 +184,13 @@ def test_bad_url_shows_a_message(page, server):
     assert "Traceback" not in text
 
 
+def test_too_deep_address_opens_its_page(page, server):
+    """Issue 11.4: `/latent/extra/path` used to load a blank tab forever (assets fell back to index.html)."""
+    text = open_page(page, server, "/latent/extra/path?width=128&latent=7", "Albert Einstein physicist", charts=3)
+    assert "Latent 128/7" in text
+    assert re.search(r"/latent\?width=128&latent=7$", page.url), page.url
+
+
 def _at(page, pattern: str, text: str) -> None:
     """Wait until the address bar matches ``pattern`` and the page shows ``text``."""
     page.wait_for_url(re.compile(pattern))
