@@ -27,7 +27,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import scipy.sparse as sp
 
-from metasae.atlas import Atlas, _gather_ranges, _latent_key, _np, _RowGroups, release_memory, rows_of
+from metasae.atlas import Atlas, release_memory, rows_of
+from metasae.atlas.reader import _gather_ranges, _latent_key, _np, _RowGroups
 
 # Score bands: a result's score is band + a tie-break in [0, 1), so bands never interleave.
 EXACT_LABEL, LABEL, TOKEN, EXAMPLE = 4.0, 3.0, 2.0, 1.0
@@ -462,7 +463,7 @@ def _build(atlas: Atlas, window: tuple[int, int],
 
 
 def _cache_key(atlas: Atlas, window: tuple[int, int]) -> dict[str, Any]:
-    files = atlas.manifest.get("files") if isinstance(atlas.manifest.get("files"), dict) else {}
+    files = atlas.manifest.files
     return {"version": CACHE_VERSION, "window": list(window), "n": len(atlas._lat_key),
             "files": {f: files.get(f) for f in ("latents.parquet", "examples.parquet")}}
 

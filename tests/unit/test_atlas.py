@@ -252,7 +252,8 @@ def test_write_json_atomic_and_manifest(tmp_path: Path) -> None:
     (tmp_path / ".hidden").write_text("not part of the atlas")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "f.txt").write_text("hello")
-    write_manifest(tmp_path, {"format_version": 99, "files": {"stale": "0"}, "model": {"name": "m"}})
+    write_manifest(tmp_path, {"format_version": 99, "files": {"stale": "0"}, "model": {"name": "m"}, "saes": [],
+                              "meta_sae": {}})
     m = json.loads((tmp_path / "manifest.json").read_text())
     assert m["format_version"] == FORMAT_VERSION and m["model"] == {"name": "m"}
     assert m["files"] == {"sub/f.txt": sha256_file(tmp_path / "sub/f.txt"), "x.json": sha256_file(tmp_path / "x.json")}
@@ -378,11 +379,12 @@ def test_open_rejects_tables_written_out_of_key_order(copy: Path) -> None:
 
 
 def test_example_acts_are_read_lazily_across_row_groups(copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import metasae.atlas as atlas_module
+    import metasae.atlas.reader as reader_module
+    import metasae.atlas.schema as schema_module
 
     ex = pd.read_parquet(copy / "examples.parquet")
-    monkeypatch.setattr(atlas_module, "ROW_GROUP_SIZE", 7)  # 5 examples per latent: many straddle two groups
-    monkeypatch.setattr(atlas_module, "_ACTS_CACHE_GROUPS", 2)  # and the cache must evict
+    monkeypatch.setattr(schema_module, "ROW_GROUP_SIZE", 7)  # 5 examples per latent: many straddle two groups
+    monkeypatch.setattr(reader_module, "_ACTS_CACHE_GROUPS", 2)  # and the cache must evict
     write_table(copy, "examples", ex)
     write_manifest(copy, json.loads((copy / "manifest.json").read_text()))
     assert pq.ParquetFile(copy / "examples.parquet").num_row_groups == -(-len(ex) // 7)

@@ -17,6 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import metasae.atlas as atlas_module
+import metasae.atlas.reader as reader_module
+import metasae.atlas.schema as schema_module
 import metasae.search as search_module
 import metasae.synthetic_atlas as synthetic_module
 from metasae.atlas import SCHEMAS, Atlas, AtlasError, UnknownLatentError, write_table, write_table_parts
@@ -29,7 +31,7 @@ WIDTHS = (256, 512, 1024, 2048)  # 3,840 latents
 @pytest.fixture(scope="module")
 def path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     mp = pytest.MonkeyPatch()
-    mp.setattr(atlas_module, "ROW_GROUP_SIZE", 700)  # many row groups in every table
+    mp.setattr(schema_module, "ROW_GROUP_SIZE", 700)  # many row groups in every table
     try:
         return make_synthetic_atlas(tmp_path_factory.mktemp("lazy") / "a", widths=WIDTHS, n_meta=64, seed=5,
                                     with_weights=False)
@@ -45,8 +47,8 @@ def eager(path: Path) -> Atlas:
 @pytest.fixture(scope="module")
 def lazy(path: Path) -> Atlas:
     mp = pytest.MonkeyPatch()
-    mp.setattr(atlas_module, "_ACTS_CACHE_GROUPS", 3)  # the row-group caches must evict
-    mp.setattr(atlas_module, "_LATENT_CACHE_GROUPS", 2)
+    mp.setattr(reader_module, "_ACTS_CACHE_GROUPS", 3)  # the row-group caches must evict
+    mp.setattr(reader_module, "_LATENT_CACHE_GROUPS", 2)
     try:
         return Atlas.open(path, lazy=True)
     finally:
@@ -180,7 +182,8 @@ def test_the_stored_index_is_reused_and_rebuilt_when_the_atlas_changes(
     assert build_cache(lazy) == folder and cache_dirs(lazy, (1, 0))[0] != folder
     # a changed atlas (another sha256 in its manifest) does not match the stored index: it is rebuilt
     changed = Atlas.open(lazy.path, lazy=True)
-    changed.manifest = {**changed.manifest, "files": {**changed.manifest["files"], "examples.parquet": "0" * 64}}
+    changed.manifest = changed.manifest.model_copy(
+            update={"files": {**changed.manifest.files, "examples.parquet": "0" * 64}})
     assert search_module._load(folder, search_module._cache_key(changed, search_module.EXAMPLE_WINDOW)) is None
 
 
