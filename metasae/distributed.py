@@ -163,6 +163,7 @@ def _attribution_sums(lm, hook: str, cs: st.CeSet, small: Sae, large: Sae, m: st
         with torch.enable_grad():
             x = cs.base[b:b + BATCH_CTX].clone().requires_grad_(True)
             lm.token_losses_from(cs.tokens[b:b + BATCH_CTX], hook, x).sum().backward()
+        assert x.grad is not None  # x requires grad and the loss depends on it
         grads.append(x.grad[:, 1:].reshape(-1, x.shape[-1]).cpu())
     G = torch.cat(grads)
     sp = cs.sp
@@ -316,7 +317,7 @@ def _ray(address: str):
                 _init_ray_in_keeper_thread(ray, address)
         if not _REMOTE:
             _REMOTE["stats"] = ray.remote(_task_stats)
-            _REMOTE["curve"] = ray.remote(_task_curve)
+            _REMOTE["curve"] = ray.remote(_task_curve)  # type: ignore[arg-type]  # ray's overloads stop at 10 args
     return ray
 
 

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from metasae.lm import LanguageModel
@@ -73,7 +74,7 @@ class Setup:
     hook: str
     sae: Sae
     meta: Sae | None = None
-    meta_labels: Sequence[str] = ()
+    meta_labels: Sequence[str] | np.ndarray = ()  # by meta-latent id; the backend keeps an object array
 
 
 # ------------------------------------------------------------------------------------------------ pieces
@@ -162,6 +163,7 @@ def _check(setup: Setup, latent: int, edits: Sequence[Edit], positions: str, fir
         if e.kind == "meta":
             if not e.meta_scales:
                 raise InterventionError(f"{where}.meta_scales", "name at least one meta-latent to scale")
+            assert setup.meta is not None  # refused just above
             w = meta_weights(setup.meta, setup.sae.W_dec[latent])
             for m, s in e.meta_scales.items():
                 if not 0 <= m < n_meta:
@@ -279,12 +281,12 @@ def intervene(setup: Setup, tokens: Sequence[int], latent: int, edits: Sequence[
                  "label": str(setup.meta_labels[m]) if m < len(setup.meta_labels) else ""}
                 for m in torch.nonzero(w > 0).flatten().tolist()]
         if max_new_tokens:
-            entry["continuation"] = lm.tokenizer.decode(
+            entry["continuation"] = lm.decode(
                 greedy(setup, list(tokens), latent, e, positions, fire_latent, max_new_tokens))
         out_edits.append(entry)
     clean: dict[str, Any] = {"top": _top(clean_logp, lm, top_k), "continuation": None}
     if max_new_tokens:
-        clean["continuation"] = lm.tokenizer.decode(
+        clean["continuation"] = lm.decode(
             greedy(setup, list(tokens), latent, None, positions, fire_latent, max_new_tokens))
     return {"tokens": lm.decode_tokens(tokens), "token_ids": [int(i) for i in tokens], "latent": int(latent),
             "width": setup.sae.width, "clean": clean, "edits": out_edits,

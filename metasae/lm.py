@@ -10,13 +10,17 @@ from __future__ import annotations
 import importlib.util
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:  # transformers is imported lazily: it takes seconds
+    from transformers import PreTrainedModel
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -70,12 +74,20 @@ def _set_layers(model, layers: torch.nn.ModuleList) -> None:
         return
 
 
+class Tokenizer(Protocol):
+    """What metasae calls on a tokenizer: a Hugging Face one, or `ByteTokenizer` for the tiny models."""
+
+    def __call__(self, text: Any, /, *, add_special_tokens: bool = ...) -> Any: ...
+
+    def decode(self, ids: Any, /) -> str | list[str]: ...
+
+
 @dataclass
 class LanguageModel:
     """A causal LM with its tokenizer; `name` is what the atlas manifest records."""
 
-    model: torch.nn.Module
-    tokenizer: object
+    model: PreTrainedModel
+    tokenizer: Tokenizer
     name: str
     source: str
     # resid/splicing add hooks and swap the layer list: one forward pass at a time (threads of a server)
@@ -87,6 +99,7 @@ class LanguageModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         kwargs: dict = {}
+        folder: Path | str
         if name == DEFAULT_MODEL:
             gguf = smollm2_path()
             folder, kwargs["gguf_file"], label = gguf.parent, gguf.name, "SmolLM2-135M-Instruct"
@@ -256,7 +269,7 @@ class LanguageModel:
         cache = PrefixCache(record=True)
         with self._lock:
             hidden = self._run_suffix(layer, resid, 0, cache)
-        logits = self.model.lm_head(hidden[:, :-1])
+        logits = self.model.get_submodule("lm_head")(hidden[:, :-1])
         return _next_token_losses_shifted(logits, tokens.to(self.device)), cache
 
     @torch.no_grad()
@@ -272,19 +285,19 @@ class LanguageModel:
                              f"{tuple(tokens.shape)}")
         with self._lock:
             hidden = self._run_suffix(layer, resid_suffix, start, prefix)
-        logits = self.model.lm_head(hidden[:, :-1])
+        logits = self.model.get_submodule("lm_head")(hidden[:, :-1])
         return _next_token_losses_shifted(logits, tokens[:, start:].to(self.device))
 
     def _run_suffix(self, layer: int, resid: torch.Tensor, start: int, cache: PrefixCache) -> torch.Tensor:
         """Final-norm hidden states of positions start.. after layers >= `layer`, attending to the cached prefix."""
         if not self.supports_prefix_cache:
             raise ModelError(f"{type(self.model).__name__} does not support prefix reuse (Llama-style models only)")
-        inner = self.model.model
+        inner = self.model.get_submodule("model")
         layers = list(_decoder_layers(self.model))[layer:]
         x = resid.to(self.device, self.dtype)
         n = x.shape[1]
         pos = torch.arange(start, start + n, device=self.device)[None]
-        rope = inner.rotary_emb(x, pos)
+        rope = inner.get_submodule("rotary_emb")(x, pos)
         # additive causal mask over (prefix + suffix) keys: works for the eager and the SDPA attention
         allowed = torch.arange(start + n, device=self.device)[None, :] <= pos[0, :, None]
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
@@ -294,7 +307,7 @@ class LanguageModel:
             out = lyr(x, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
                       position_embeddings=rope)
             x = out[0] if isinstance(out, tuple) else out
-        return inner.norm(x)
+        return inner.get_submodule("norm")(x)
 
     @torch.no_grad()
     def token_losses(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -318,18 +331,21 @@ class LanguageModel:
     def final_norm(self) -> torch.nn.Module | None:
         """The norm applied before the unembedding (Llama-style `model.norm`, GPT-2 `transformer.ln_f`)."""
         for path in ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm"):
-            mod = self.model
-            for part in path.split("."):
-                mod = getattr(mod, part, None)
-                if mod is None:
-                    break
-            if mod is not None:
-                return mod
+            try:
+                return self.model.get_submodule(path)
+            except AttributeError:
+                continue
         return None
 
-    def decode_tokens(self, ids) -> list[str]:
+    def decode(self, ids: Iterable[int]) -> str:
+        """One string for a flat sequence of ids."""
+        text = self.tokenizer.decode([int(i) for i in ids])
+        assert isinstance(text, str), "a flat id list decodes to one string (only nested lists give lists)"
+        return text
+
+    def decode_tokens(self, ids: Iterable[int]) -> list[str]:
         """Each id as its own string, as the dashboard shows tokens."""
-        return [self.tokenizer.decode([int(i)]) for i in ids]
+        return [self.decode([i]) for i in ids]
 
 
 def _next_token_losses(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -378,14 +394,14 @@ def tiny_model(kind: str = "llama", seed: int = 0, n_layers: int = 4, d_model: i
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
+    model: PreTrainedModel
     if kind == "gpt2":
-        cfg = GPT2Config(n_layer=n_layers, n_embd=d_model, n_head=4, vocab_size=vocab, n_positions=512,
-                         bos_token_id=0, eos_token_id=10)
-        model = GPT2LMHeadModel(cfg)
+        model = GPT2LMHeadModel(GPT2Config(n_layer=n_layers, n_embd=d_model, n_head=4, vocab_size=vocab,
+                                           n_positions=512, bos_token_id=0, eos_token_id=10))
     elif kind == "llama":
-        cfg = LlamaConfig(num_hidden_layers=n_layers, hidden_size=d_model, intermediate_size=2 * d_model,
-                          num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=512)
-        model = LlamaForCausalLM(cfg)
+        model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=n_layers, hidden_size=d_model,
+                                             intermediate_size=2 * d_model, num_attention_heads=4,
+                                             num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=512))
     else:
         raise ModelError(f"unknown tiny model kind {kind!r} (llama or gpt2)")
     model.eval()

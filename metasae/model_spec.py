@@ -68,7 +68,8 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
     if is_tiny(spec):
         tiny = parse_tiny(spec)
         lm = tiny_model(tiny.kind, seed=seed if tiny.seed is None else tiny.seed)
-        lm.model.to(device=device, dtype=dtype)
+        # transformers wraps PreTrainedModel.to in functools.wraps, whose type mypy cannot bind to the instance
+        lm.model.to(device=device, dtype=dtype)  # type: ignore[call-arg]
         return lm
     refuse_custom_code(spec)
     return LanguageModel.load(spec, dtype=dtype, device=device)

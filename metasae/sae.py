@@ -85,11 +85,11 @@ class Sae:
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Sae:
         """A copy on another device/dtype (thresholds follow the weights)."""
-        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device=device, dtype=dtype)
+        def mv(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype)
 
         return replace(self, W_enc=mv(self.W_enc), b_enc=mv(self.b_enc), W_dec=mv(self.W_dec),
-                       b_dec=mv(self.b_dec), threshold=mv(self.threshold))
+                       b_dec=mv(self.b_dec), threshold=None if self.threshold is None else mv(self.threshold))
 
     def folded(self) -> Sae:
         """The same function with ``apply_b_dec_to_input=False``: b_dec's encoder term folded into b_enc.
@@ -176,6 +176,7 @@ class Sae:
                       apply_b_dec_to_input=self.apply_b_dec_to_input, metadata=meta)
         sd = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
         if self.architecture == "jumprelu":
+            assert self.threshold is not None  # what makes it jumprelu
             model, sd["threshold"] = JumpReLUSAE(JumpReLUSAEConfig(**common)), self.threshold
         elif self.architecture == "topk":
             model = TopKSAE(TopKSAEConfig(k=self.k, **common))

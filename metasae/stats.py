@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -102,7 +102,7 @@ def latent_stats(sae: Sae, chunks: Iterator[tuple[int, torch.Tensor]], k: int = 
             seen += kept
             bar.update(n_ctx * T1)
     bar.close()
-    if seen == 0:
+    if seen == 0 or edges is None:  # edges come with the first chunk
         raise ValueError("no tokens to compute statistics on")
     none = top_val <= 0
     top_ctx[none] = -1
@@ -222,7 +222,7 @@ def top_tokens(stats: LatentStats, tokens: torch.Tensor, k: int = 8) -> list[lis
 
 def label_latent(top_toks: list[str], boosted: list[str], n: int = 3) -> str:
     """Offline label: the top activating tokens, plus the top boosted token when it adds something."""
-    toks = []
+    toks: list[str] = []
     for t in top_toks:
         t = _clean(t)
         if t.lower() not in (x.lower() for x in toks):
@@ -276,10 +276,11 @@ def label_meta(members_top_tokens: list[list[str]], weights: list[float], n: int
     With `idf` (see token_idf) tokens that top many latents anyway ("the", "of") count for less, so the label
     names what the members share rather than what every latent has.
     """
-    c: Counter = Counter()
+    c: defaultdict[str, float] = defaultdict(float)  # float weights: a Counter is typed for int counts
     for toks, w in zip(members_top_tokens, weights, strict=True):
         for rank, t in enumerate(list(toks)[:5]):
             key = _clean(t).lower()
             c[key] += w / (1 + rank) * (max(idf.get(key, 0.0), 0.0) if idf is not None else 1.0)
-    words = [t for t, v in c.most_common(n) if v > 0]
+    # sorted is stable, so ties keep first-seen order, as Counter.most_common does
+    words = [t for t, v in sorted(c.items(), key=lambda kv: kv[1], reverse=True)[:n] if v > 0]
     return " / ".join(words) if words else "(no members)"

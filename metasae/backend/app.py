@@ -13,11 +13,13 @@ import os
 import signal
 import threading
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute
 
 from metasae.backend.config import Settings
 from metasae.backend.endpoints import intervene
@@ -88,16 +90,16 @@ def atlas_spec(settings: Settings) -> AtlasSpec:
     from metasae.atlas import read_manifest
     from metasae.backend.endpoints.stitch import ctx_len_of
 
-    limits = {"max_text_chars": settings.max_text_chars, "max_stitch_tokens": settings.max_stitch_tokens}
+    limits = AtlasSpec(max_text_chars=settings.max_text_chars, max_stitch_tokens=settings.max_stitch_tokens)
     m, _ = read_manifest(settings.atlas)
     if m is None:
-        return AtlasSpec(**limits)
-    saes = m.get("saes") if isinstance(m.get("saes"), list) else []
+        return limits
+    saes = found if isinstance(found := m.get("saes"), list) else []
     widths = sorted({s["width"] for s in saes if isinstance(s, dict) and type(s.get("width")) is int})
-    model = m.get("model") if isinstance(m.get("model"), dict) else {}
+    model = found if isinstance(found := m.get("model"), dict) else {}
     d_model = model.get("d_model")
-    return AtlasSpec(widths=tuple(widths) or None, d_model=d_model if type(d_model) is int and d_model > 0 else None,
-                     ctx_len=ctx_len_of(m), **limits)
+    return replace(limits, widths=tuple(widths) or None,
+                   d_model=d_model if type(d_model) is int and d_model > 0 else None, ctx_len=ctx_len_of(m))
 
 
 def _background(app: FastAPI, stop: threading.Event) -> None:
@@ -177,17 +179,20 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
     app.state.jobs = JobManager(workers=1, max_jobs=settings.max_jobs, ttl_s=settings.job_ttl_s)
     app.state.version = app.version
     app.state.spec = atlas_spec(settings)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(ApiError, _api_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(Exception, _unexpected)
+    # the decorator form: add_exception_handler's type wants handlers of any Exception, these take their own class
+    app.exception_handler(RequestValidationError)(_validation_error)
+    app.exception_handler(ApiError)(_api_error)
+    app.exception_handler(StarletteHTTPException)(_http_error)
+    app.exception_handler(Exception)(_unexpected)
     router, routes = build_router(app.state.spec, settings)
     app.include_router(router)
     extra = intervene.router(app.state.spec, settings)  # POST /v1/intervene (issue 12)
     app.include_router(extra)
-    routes = [*routes, *extra.routes]  # include_router does not list them in app.router.routes
+    # include_router does not list the intervene routes in app.router.routes
+    all_routes: list[BaseRoute] = [*routes, *extra.routes]
     # Added innermost first: a request meets the Host check, then the body limit, the docs guard, OPTIONS / 405.
-    app.add_middleware(AllowedMethods, routes=[r for r in app.router.routes if getattr(r, "methods", None)] + routes)
+    app.add_middleware(AllowedMethods,
+                       routes=[r for r in app.router.routes if getattr(r, "methods", None)] + all_routes)
     if settings.token and not settings.public_docs:
         app.add_middleware(DocsGuard, token=settings.token)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)

@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import GenericAlias
 from typing import Any
 
 import httpx
@@ -84,7 +85,7 @@ class HttpBackend:
         """Call the route of client method `name` and parse its answer as the route's response model."""
         method, template, model = self.ROUTES[name]
         data = self._request(method, template.format(**path), json)
-        kind = list[model] if name == "jobs" else model
+        kind: Any = GenericAlias(list, (model,)) if name == "jobs" else model  # list[model], model being a value
         try:
             return TypeAdapter(kind).validate_python(data)
         except ValidationError as e:

@@ -5,7 +5,7 @@ a bearer security scheme only when METASAE_TOKEN is set. The handlers live in `e
 (No `from __future__ import annotations` here: FastAPI must see the per-atlas body types themselves.)
 """
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.routing import APIRoute
@@ -41,24 +41,29 @@ def build_router(spec: AtlasSpec, settings: Settings) -> tuple[APIRouter, list[A
                        responses={503: {"model": HealthResponse, "description": "the atlas cannot be opened"}},
                        # with a token the bearer is optional here (it only widens the answer): `{}` = no auth
                        openapi_extra={"security": [{}]} if settings.token else None)
-    errors = {code: {"model": ErrorResponse} for code in ERRORS if settings.token or code != 401}
+    errors: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in ERRORS
+                                               if settings.token or code != 401}
     v1 = APIRouter(prefix="/v1", responses=errors,
                    dependencies=[Depends(require_token)] if settings.token else [])
+    # BODY: classes built at start for this atlas; FastAPI reads them from the annotations at runtime, a static
+    # checker cannot (hence the valid-type ignores below)
     EncodeBody, ActivationsBody, StitchBody = encode_body(spec), activations_body(spec), stitch_body(spec)  # noqa: N806
 
     @v1.post("/encode", response_model=EncodeResponse, tags=["meta-SAE"],
              summary="decompose a latent or vector into meta-latents")
-    async def post_encode(req: EncodeBody, res: ResourcesDep) -> dict:
+    async def post_encode(req: EncodeBody, res: ResourcesDep) -> dict:  # type: ignore[valid-type]  # see BODY
         return await encode.encode(req, res)
 
     @v1.post("/activations", response_model=ActivationsResponse, tags=["live"],
              summary="per-token top latents of new text")
-    def post_activations(req: ActivationsBody, res: ResourcesDep, settings: SettingsDep) -> dict:
+    def post_activations(req: ActivationsBody, res: ResourcesDep,  # type: ignore[valid-type]  # see BODY
+                         settings: SettingsDep) -> dict:
         return activations.activations(req, res, settings)
 
     @v1.post("/stitch", response_model=StitchStarted, status_code=202, tags=["stitching"],
              summary="start a stitching evaluation job (poll GET /v1/jobs/{job_id})")
-    def post_stitch(req: StitchBody, res: ResourcesDep, jobs_: JobsDep, settings: SettingsDep) -> dict:
+    def post_stitch(req: StitchBody, res: ResourcesDep,  # type: ignore[valid-type]  # see BODY
+                    jobs_: JobsDep, settings: SettingsDep) -> dict:
         return stitch.start_stitch(req, res, jobs_, settings)
 
     @v1.get("/jobs", response_model=list[JobResponse], tags=["stitching"],

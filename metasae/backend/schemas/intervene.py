@@ -9,6 +9,7 @@ from pydantic import Field, create_model
 from metasae.backend.schemas.common import AtlasSpec, NonNegInt, Request, Response
 
 MAX_EDITS, MAX_TARGETS, MAX_NEW_TOKENS = 4, 8, 32
+Positions = Literal["all", "fires"]  # an alias: inline in create_model's tuple mypy reads the strings as annotations
 SCALE = Field(strict=True, allow_inf_nan=False, ge=-10, le=10,
               description="factor on the meta-latent's weight in the latent's decomposition (0 removes it, 1 keeps it)")
 
@@ -42,7 +43,7 @@ def intervene_body(spec: AtlasSpec) -> Any:
         width=(spec.width_type(), ...),
         latent=(NonNegInt, Field(description="the latent L that edits act on (0 .. width-1)")),
         edits=(list[InterveneEdit], Field(min_length=1, max_length=MAX_EDITS)),
-        positions=(Literal["all", "fires"], Field("all", description="edit every token (but the first), or the "
+        positions=(Positions, Field("all", description="edit every token (but the first), or the "
                                                                     "tokens where fire_latent fires")),
         fire_latent=(NonNegInt | None, Field(None, description="positions=fires: this latent (default: latent)")),
         targets=(list[Annotated[str, Field(min_length=1, max_length=100)]], Field([], max_length=MAX_TARGETS,
