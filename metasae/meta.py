@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import pandas as pd
@@ -201,8 +202,17 @@ def train_meta_job(rows: torch.Tensor, cfg: MetaConfig, seed: int, out: Path, pr
     train_meta_sae(rows, replace(cfg, seed=seed), progress=progress).save(out)
 
 
+class SeedStabilityResult(TypedDict, total=False):
+    """What `seed_stability` returns (the manifest's meta_sae.seed_stability); one seed gives only the first two."""
+
+    matched_frac: float
+    n_seeds: int
+    per_seed: list[float]
+    threshold: float
+
+
 @torch.no_grad()
-def seed_stability(metas: list[Sae], decomp: pd.DataFrame, threshold: float = 0.7) -> dict[str, float]:
+def seed_stability(metas: list[Sae], decomp: pd.DataFrame, threshold: float = 0.7) -> SeedStabilityResult:
     """How far meta-SAEs of other seeds find the same meta-latents: the share of the first seed's used
     meta-latents with a decoder-cosine partner >= threshold in each other seed (mean over seeds)."""
     if len(metas) < 2:

@@ -385,6 +385,7 @@ def _attribution_pairs(lm, hook: str, cs: CeSet, small: Sae, large: Sae, item_of
     for b in range(0, C, batch_ctx):
         x = cs.base[b:b + batch_ctx].clone().requires_grad_(True)
         lm.token_losses_from(cs.tokens[b:b + batch_ctx], hook, x).sum().backward()
+        assert x.grad is not None  # x requires grad and the loss depends on it
         grads.append(x.grad[:, 1:].reshape(-1, x.shape[-1]).cpu())
     G = torch.cat(grads)  # (N, d)
     sp = cs.sp
