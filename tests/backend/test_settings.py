@@ -162,3 +162,11 @@ def test_the_backend_command_passes_its_flags_over_the_environment(monkeypatch):
     (s,) = served
     assert (s.atlas, s.port, s.host, s.token, s.idle_timeout_s, s.preload) == (
         "/some/atlas", 1234, "0.0.0.0", "tok", 7.0, False)
+
+
+def test_other_metasae_variables_are_not_settings_errors(monkeypatch):
+    """The app and the client read their own METASAE_* variables (METASAE_BACKEND_URL, ...) from the same
+    environment a backend starts in: extra="forbid" must not turn them into errors."""
+    for name in ("METASAE_BACKEND_URL", "METASAE_CACHE", "METASAE_TEST_ATLAS"):
+        monkeypatch.setenv(name, "http://gpu:8000")
+    assert Settings.from_env() == Settings.from_values()
