@@ -6,33 +6,27 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import fields
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from metasae.pipeline.config import BuildConfig
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+def build_config(a: argparse.Namespace) -> BuildConfig:
+    """The preset `a` names with the option flags it was given."""
+    from metasae.pipeline.config import paths
+    from metasae.pipeline.presets import from_preset
 
-
-def _str_list(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
-def _bool(text: str) -> bool:
-    """'true'/'false' (and yes/no, 1/0); anything else is an error, never silently truthy."""
-    v = text.strip().lower()
-    if v in ("true", "yes", "1", "on"):
-        return True
-    if v in ("false", "no", "0", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    # only the flags given (argparse.SUPPRESS leaves the others out), so `--meta-width none` can set None
+    return from_preset(a.preset, {p: getattr(a, p) for p in paths() if p != "preset" and hasattr(a, p)})
 
 
 def cmd_build(a: argparse.Namespace) -> int:
-    from metasae.build import BuildConfig, build
+    from metasae.pipeline.run import build
 
-    overrides = {f.name: getattr(a, f.name) for f in fields(BuildConfig) if f.name != "preset"}
-    cfg = BuildConfig.from_preset(a.preset, **overrides)
+    cfg = build_config(a)
     work = a.work or str(default_work(a.out))
     build(cfg, a.out, work=work, force=a.force, until=a.until, progress=not a.quiet,
           workers=a.workers or min(4, os.cpu_count() or 1))
@@ -51,27 +45,33 @@ def default_work(out: str) -> Path:
     return root / "build" / f"{resolved.name}-{tag}"
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per BuildConfig field (so `command_for` output always parses back)."""
-    from metasae.build import BuildConfig
+def _arg_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A parser whose ValueError argparse reports as a usage error naming the flag."""
 
-    for f in fields(BuildConfig):
-        if f.name == "preset":
+    def read(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return read
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per BuildConfig option, `--<section>-<field>` (`--train-k`), and the flat name it had before the
+    sections where that differs (`--k`); so `command_for` output and older command lines both parse."""
+    from metasae.pipeline.config import field_type, flag, legacy_flag, parser_for, paths
+
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for path in paths():
+        if path == "preset":
             continue
-        t = str(f.type)
-        if t == "bool":
-            kind = _bool
-        elif "list[int]" in t:
-            kind = _int_list
-        elif "list[str]" in t:
-            kind = _str_list
-        elif "float" in t:
-            kind = float
-        elif "int" in t:
-            kind = int
-        else:
-            kind = str
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None)
+        section = path.split(".")[0] if "." in path else "build"
+        if section not in groups:
+            groups[section] = p.add_argument_group(f"{section} options")
+        names = [flag(path)] + [f for f in [legacy_flag(path)] if f]
+        groups[section].add_argument(*names, dest=path, type=_arg_type(parser_for(field_type(path))), default=argparse.SUPPRESS,
+                       metavar=path.rsplit(".", 1)[-1].upper())
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
@@ -96,6 +96,10 @@ def _obj(x: object) -> dict:
     return x if isinstance(x, dict) else {}
 
 
+def _list(x: object) -> list:
+    return x if isinstance(x, list) else []
+
+
 def cmd_info(a: argparse.Namespace) -> int:
     from metasae.atlas import AtlasError, read_manifest
 
@@ -107,15 +111,15 @@ def cmd_info(a: argparse.Namespace) -> int:
         return 0
     mod, c = _obj(m.get("model")), _obj(m.get("corpus"))
     print(f"model   {mod.get('name')}  hook {mod.get('hook')}  d_model {mod.get('d_model')}")
-    sources = c.get("sources") if isinstance(c.get("sources"), list) else []
+    sources = _list(c.get("sources"))
     print(f"corpus  {', '.join(map(str, sources))}  {_num(c.get('n_tokens'), 'd')} tokens")
     print(f"{'width':>7} {'L0':>7} {'MSE':>9} {'FVU':>6} {'CE':>7} {'ΔCE':>7}")
-    for s in m.get("saes") if isinstance(m.get("saes"), list) else []:
+    for s in _list(m.get("saes")):
         s = _obj(s)
         print(f"{_num(s.get('width'), 'd', 7)} {_num(s.get('l0'), '.1f', 7)} {_num(s.get('mse'), '.2f', 9)} "
               f"{_num(s.get('fvu'), '.3f', 6)} {_num(s.get('ce_loss'), '.3f', 7)} {_num(s.get('ce_delta'), '.3f', 7)}")
     pairs = _obj(m.get("stitching")).get("pairs")
-    for p in pairs if isinstance(pairs, list) else []:
+    for p in _list(pairs):
         p = _obj(p)
         print(f"pair {p.get('small')}->{p.get('large')}: novel {_num(p.get('novel_frac'), '.1%')}, "
               f"{_num(p.get('n_groups'), 'd')} groups")
@@ -154,15 +158,27 @@ def cmd_backend(a: argparse.Namespace) -> int:
     return 0
 
 
+def _preset_names() -> list[str]:
+    from metasae.pipeline.presets import PRESETS
+
+    return list(PRESETS)
+
+
+def _stage_names() -> list[str]:
+    from metasae.pipeline.stages import STAGE_NAMES
+
+    return list(STAGE_NAMES)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="metasae", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build (or resume building) an atlas")
-    b.add_argument("--preset", default="demo", help="tiny | demo | gpt2-paper")
+    b.add_argument("--preset", default="demo", choices=_preset_names(), help="named configuration (default demo)")
     b.add_argument("--out", default="data", help="atlas folder to write")
     b.add_argument("--work", help="folder for intermediate results (default ~/.cache/metasae/build/<out name>-<hash>)")
     _add_config_flags(b)
-    b.add_argument("--until", help="stop after this stage")
+    b.add_argument("--until", choices=_stage_names(), help="stop after this stage")
     b.add_argument("--workers", type=int, default=None,
                    help="single-threaded processes for the activation pass and the ladder (default: cores, at most 4)")
     b.add_argument("--force", action="store_true", help="overwrite an existing atlas / other-settings work")

@@ -280,3 +280,81 @@ def meta_latent_table(meta: Sae, decomp: pd.DataFrame, latents: pd.DataFrame, bo
                      "top_logits": boosted[m], "hist_counts": counts.astype(np.int32),
                      "hist_edges": edges.astype(np.float32)})
     return pd.DataFrame(rows)
+
+
+@dataclass
+class RecipeJob:
+    """One meta-SAE of the recipe: the rows it sees, its seed, and their train / held-out split."""
+
+    rows: torch.Tensor
+    seed: int
+    split: Split
+
+    @property
+    def train_rows(self) -> torch.Tensor:
+        return self.rows[self.split.train]
+
+    @property
+    def heldout_rows(self) -> torch.Tensor:
+        return self.rows[self.split.heldout]
+
+
+@dataclass
+class Recipe:
+    """The meta-SAEs the build trains and compares: `seed0..` on the selected rows, `random` on random unit
+    vectors of the same count (the control), and `largest` on the widest rung's rows alone when rows are pooled."""
+
+    jobs: dict[str, RecipeJob]
+    keys: np.ndarray  # (n_rows, 2): (sae width, latent) of each selected row
+    row_filter: RowFilter
+    source: str
+
+    @property
+    def seed_names(self) -> list[str]:
+        return [n for n in self.jobs if n.startswith("seed")]
+
+
+def recipe(sources: list[tuple[int, torch.Tensor, np.ndarray]], row_filter: RowFilter, pooled: bool, n_seeds: int,
+           seed: int = 0, heldout: float = 0.1) -> Recipe:
+    """The recipe's jobs on the rungs' (width, W_dec, density): every rung pooled, or the last (widest) alone."""
+    rows, keys = select_rows(sources if pooled else sources[-1:], row_filter)
+    split = split_rows(len(rows), heldout=heldout, seed=seed)
+    jobs = {f"seed{i}": RecipeJob(rows, seed + i, split) for i in range(max(1, n_seeds))}
+    jobs["random"] = RecipeJob(random_rows(len(rows), rows.shape[1], seed=seed + 7), seed, split)
+    if pooled and len(sources) > 1:
+        # the alternative the pooled recipe is measured against: the largest rung's rows alone, same filter
+        lrows, _ = select_rows(sources[-1:], row_filter)
+        jobs["largest"] = RecipeJob(lrows, seed, split_rows(len(lrows), heldout=heldout, seed=seed))
+    return Recipe(jobs, keys, row_filter, "pooled" if pooled else "largest")
+
+
+def recipe_summary(rc: Recipe, metas: dict[str, Sae], saes: list[Sae], decomp: pd.DataFrame, k: float,
+                   threshold: float) -> dict:
+    """What the recipe measured (the manifest's `meta_sae` facts): FVU on train / held-out rows for the seeds,
+    the random-row control and the largest-only alternative, seed stability, FVU per width, terms per latent and
+    the co-membership vs stitching overlap between the smallest and the largest rung."""
+    from metasae import stitching as st
+
+    fvu = {n: {"train": meta_fvu(metas[n], j.train_rows), "heldout": meta_fvu(metas[n], j.heldout_rows)}
+           for n, j in rc.jobs.items()}
+    meta, seed0 = metas["seed0"], rc.jobs["seed0"]
+    overlap = None
+    if len(saes) > 1:
+        # co-membership vs stitching between the smallest and the largest rung (the paper: 3072 vs 49152)
+        m = st.match(saes[0], saes[-1], threshold)
+        overlap = comembership_overlap(decomp, saes[-1].width, m.group, saes[0].width)
+    largest = rc.jobs.get("largest")
+    return {"width": meta.width, "k": k, "fvu": fvu["seed0"]["train"],
+            "train_fvu": fvu["seed0"]["train"], "heldout_fvu": fvu["seed0"]["heldout"],
+            "random_train_fvu": fvu["random"]["train"], "random_heldout_fvu": fvu["random"]["heldout"],
+            "seed_heldout_fvu": [fvu[n]["heldout"] for n in rc.seed_names],
+            "largest_only": ({"n_rows": len(largest.rows), "train_fvu": fvu["largest"]["train"],
+                              "heldout_fvu": fvu["largest"]["heldout"]} if largest is not None else None),
+            "rows": {"source": rc.source, "n_rows": len(seed0.rows), "n_train": int(len(seed0.split.train)),
+                     "n_heldout": int(len(seed0.split.heldout)), "min_density": rc.row_filter.min_density,
+                     "max_density": rc.row_filter.max_density,
+                     "by_width": {str(w): int((rc.keys[:, 0] == w).sum()) for w in sorted(set(rc.keys[:, 0].tolist()))}},
+            "seed_stability": seed_stability([metas[n] for n in rc.seed_names], decomp, threshold),
+            "fvu_by_width": {str(s.width): meta_fvu(meta, unit_rows(s.W_dec)) for s in saes},
+            "terms_per_latent": float(decomp[decomp.sae_width == saes[-1].width].groupby("latent").size().mean()),
+            "overlap": overlap}

@@ -525,3 +525,23 @@ def ce_fn_for(lm, hook: str, cs: CeSet, small: Sae, large: Sae, m: Match):
         return total / cs.n_tokens
 
     return ce
+
+
+def exact_ce_sample(attr: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Which latents get an exact ΔCE (sorted ids): the half with the largest attributed effect, plus a random
+    draw among the rest that fire on the CE tokens (a latent silent there has ΔCE exactly 0 both ways: a tie
+    that says nothing about attribution's ranking); from all latents when too few fire."""
+    rng = np.random.default_rng(seed)
+    n = min(n, len(attr))
+    top = np.argsort(-np.abs(attr))[: n // 2]
+    rest = np.setdiff1d(np.flatnonzero(attr != 0), top)
+    if len(rest) < n - len(top):
+        rest = np.setdiff1d(np.arange(len(attr)), top)
+    return np.sort(np.concatenate([top, rng.choice(rest, n - len(top), replace=False)]))
+
+
+def exact_ce_groups(m: Match, attr_grp: np.ndarray, n: int) -> np.ndarray:
+    """Which groups get an exact ΔCE (sorted ids): the swap/remove groups with the largest attributed effect
+    (the ones a reader weighs against the novel latents)."""
+    ids = np.flatnonzero(m.group_actions() != "add")
+    return np.sort(ids[np.argsort(-np.abs(attr_grp[ids]))[:n]])

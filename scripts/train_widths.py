@@ -9,23 +9,16 @@ trained by a single build process; run `metasae build` again afterwards to conti
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-from metasae.activations import ActivationStore
-from metasae.build import BuildConfig, n_eval_ctx, train_config
-from metasae.train import train_ladder
+from metasae.pipeline.stages import ladder_jobs, read_work_config, train_ladder_jobs
 
 
 def main(argv: list[str]) -> int:
-    work, widths = Path(argv[0]), [int(w) for w in argv[1:]]
-    cfg = BuildConfig(**json.loads((work / "config.json").read_text()))
-    store = ActivationStore.open(work / "acts")
-    tcfg = train_config(cfg)
-    # the build names SAEs after the loaded model, which the activation store recorded
-    train_ladder(store, cfg.widths, tcfg, work / "saes", hook=cfg.hook, model=store.meta["model"],
-                 eval_ctx=n_eval_ctx(cfg), only=widths)
+    work, widths = Path(argv[0]), {int(w) for w in argv[1:]}
+    jobs = [j for j in ladder_jobs(read_work_config(work)) if j[1] in widths]
+    train_ladder_jobs(work, jobs)
     return 0
 
 

@@ -232,8 +232,9 @@ def test_fresh_evaluation_equals_the_build_on_the_same_smollm2_tokens(smollm2, m
     runs) give the same numbers on the same tokens, attention sink included; without those settings the MSE
     side is dominated by the sink (issue 11: fresh curves 100x the stored ones)."""
     from metasae.activations import ActivationStore
-    from metasae.build import BuildConfig
-    from metasae.stages import stage_stitching
+    from metasae.pipeline.config import BuildConfig
+    from metasae.pipeline.context import BuildContext
+    from metasae.pipeline.stages import stage_stitching
 
     hook = "blocks.15.hook_resid_pre"
     text = ("Albert Einstein was a German-born theoretical physicist. Marie Curie was a chemist. The river "
@@ -251,11 +252,12 @@ def test_fresh_evaluation_equals_the_build_on_the_same_smollm2_tokens(smollm2, m
     large = Sae(W_enc=W.T.contiguous(), b_enc=torch.cat([small.b_enc[:24], extra.b_enc]), W_dec=W,
                 b_dec=extra.b_dec, hook_name=hook)
 
-    cfg = BuildConfig(model="smollm2", hook=hook, ctx_len=24, widths=[48, 64], eval_tokens=4 * 23, ce_ctx=4,
-                      exact_ce_latents=2, max_norm_ratio=5.0)
+    cfg = BuildConfig().with_values({"model": "smollm2", "hook": hook, "corpus.ctx_len": 24, "ladder.widths": [48, 64],
+                                     "ladder.eval_tokens": 4 * 23, "evaluate.ce_ctx": 4,
+                                     "stitching.exact_ce_latents": 2, "train.max_norm_ratio": 5.0})
     store = ActivationStore.build(smollm2, tokens, hook, tmp_path / "acts", shard_ctx=2, progress=False)
-    ctx = {"cfg": cfg, "work": tmp_path, "store": store, "saes": [small, large], "lm": smollm2,
-           "progress": False, "log": lambda _m: None}
+    ctx = BuildContext(cfg=cfg, work=tmp_path, out=tmp_path / "atlas", progress=False, log=lambda _m: None,
+                       _store=store, _saes=[small, large], _lm=smollm2)
     stage_stitching(ctx)
     folder = tmp_path / "stitch" / "48_64"
     built = pd.read_parquet(folder / "large.parquet")
@@ -263,7 +265,7 @@ def test_fresh_evaluation_equals_the_build_on_the_same_smollm2_tokens(smollm2, m
     summary = json.loads((folder / "done.json").read_text())
 
     manifest = {"build": {"config": {"max_norm_ratio": 5.0}}}
-    res = dist.stitch_eval(smollm2, hook, tokens, small, large, threshold=cfg.threshold,
+    res = dist.stitch_eval(smollm2, hook, tokens, small, large, threshold=cfg.stitching.threshold,
                            **dist.build_settings(manifest))
     assert res["n_sink_tokens"] == 1 and res["n_tokens"] == summary["eval_tokens"] == 4 * 23 - 1
     assert res["n_ce_tokens"] == summary["ce_tokens"] == 4 * 23
@@ -281,5 +283,5 @@ def test_fresh_evaluation_equals_the_build_on_the_same_smollm2_tokens(smollm2, m
     close([a for a, _ in ce], [b for _, b in ce], **tol)
 
     # the old fresh path: the sink stays in the MSE side, and the curve's MSE is many times the stored one
-    raw = dist.stitch_eval(smollm2, hook, tokens, small, large, threshold=cfg.threshold, metrics=("mse",))
+    raw = dist.stitch_eval(smollm2, hook, tokens, small, large, threshold=cfg.stitching.threshold, metrics=("mse",))
     assert raw["n_sink_tokens"] == 0 and raw["curve"][0]["mse"] > 10 * curve["mse"].iloc[0]

@@ -79,12 +79,14 @@ def test_a_folder_that_maps_to_custom_code_is_refused_before_loading(tmp_path, m
 
 
 def test_every_caller_loads_through_the_one_loader(monkeypatch):
-    from metasae import build, distributed
+    from metasae import distributed
     from metasae.backend import resources
+    from metasae.pipeline import context
+    from metasae.pipeline.config import BuildConfig
 
     calls = []
     monkeypatch.setattr(model_spec, "load_model", lambda spec, **kw: calls.append((spec, kw)) or spec)
-    assert build.load_model(build.BuildConfig(model="tiny:gpt2", seed=4)) == "tiny:gpt2"
+    assert context.load_model(BuildConfig(model="tiny:gpt2", seed=4)) == "tiny:gpt2"
     assert distributed.load_model("tiny:llama:1", device="cpu") == "tiny:llama:1"
     assert resources.load_language_model("smollm2", "cpu") == "smollm2"
     assert calls == [("tiny:gpt2", {"seed": 4}), ("tiny:llama:1", {"dtype": torch.float32, "device": "cpu"}),
