@@ -268,7 +268,7 @@ def resolve_meta(atlas: Atlas, meta: str | None) -> int:
 
 def resolve_pair(atlas: Atlas, pair: str | None) -> tuple[int, int]:
     """A stitching pair ``"small-large"`` from the URL (default: the first measured pair)."""
-    pairs = stitching_pairs(atlas)
+    pairs = page_pairs(atlas)
     if not pairs:
         raise BadInput("This atlas has no stitching pairs (it needs at least two widths).")
     if pair is None or pair.strip() == "":
@@ -284,8 +284,9 @@ def resolve_pair(atlas: Atlas, pair: str | None) -> tuple[int, int]:
     return p
 
 
-def stitching_pairs(atlas: Atlas) -> list[tuple[int, int]]:
-    """Pairs with a curve, else neighbouring widths (the table still has kinds and deltas)."""
+def page_pairs(atlas: Atlas) -> list[tuple[int, int]]:
+    """The pairs the Stitching page offers: those with a curve (``Atlas.stitching_pairs``), else neighbouring
+    widths (the latents table still has kinds and deltas)."""
     pairs = atlas.stitching_pairs()
     if pairs:
         return pairs

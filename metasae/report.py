@@ -12,12 +12,23 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
 
 from metasae import plots, views
-from metasae.atlas import Atlas
+from metasae.atlas import (
+    COS_THRESHOLD,
+    Atlas,
+    Manifest,
+    MetaRows,
+    MetaSaeInfo,
+    Overlap,
+    SeedBaseline,
+    SeedStability,
+    StitchPair,
+)
 
 PAPER = {"novel_frac": "~35% (GPT-2, 768..98304)", "meta_var_explained": "roughly half (49152 rows, 2304 meta)",
          "overlap": "28.92% (meta co-membership vs edges to the 3072 SAE)", "terms": "4 (BatchTopK k=4)"}
@@ -118,22 +129,26 @@ def _pct(x, digits: int = 1) -> str:
     return "—" if x is None or (isinstance(x, float) and x != x) else f"{100 * x:.{digits}f}%"
 
 
-def targets(m: dict) -> list[tuple[str, str, str, bool | None]]:
+def _nan(x: float | None) -> float:
+    return float("nan") if x is None else x
+
+
+def targets(m: Manifest) -> list[tuple[str, str, str, bool | None]]:
     """Issue 10's targets: (measure, target, measured, met) from the manifest alone."""
-    pairs = m["stitching"]["pairs"]
-    base = m["stitching"].get("seed_baseline") or {}
-    ms = m.get("meta_sae") or {}
-    largest = m["saes"][-1]
-    func = [p.get("novel_frac_functional") for p in pairs]
-    cos = [p.get("novel_frac_cos_live") for p in pairs]
-    mono = [p.get("monotone_frac") for p in pairs]
-    alone = [p.get("groups_help_alone") for p in pairs]
-    fams = [p.get("families_help_alone") for p in pairs]
-    shares = [s.get("always_on_share") for s in m["saes"]]
-    tr, ho, rnd = (1 - ms.get(k, float("nan")) for k in ("train_fvu", "heldout_fvu", "random_heldout_fvu"))
-    sc = {p["role"]: p for p in m.get("showcase") or []}
-    person = sc.get("person", {}).get("seeds", [])
-    nat = sc.get("nationality", {}).get("seeds", [])
+    pairs = m.stitching.pairs
+    base = m.stitching.seed_baseline or SeedBaseline()
+    ms = m.meta_sae
+    largest = m.saes[-1]
+    func = [p.novel_frac_functional for p in pairs]
+    cos = [p.novel_frac_cos_live for p in pairs]
+    mono = [p.monotone_frac for p in pairs]
+    alone = [p.groups_help_alone for p in pairs]
+    fams = [p.families_help_alone for p in pairs]
+    shares = [s.always_on_share for s in m.saes]
+    tr, ho, rnd = (1 - _nan(v) for v in (ms.train_fvu, ms.heldout_fvu, ms.random_heldout_fvu))
+    sc = {p.role: p for p in m.showcase}
+    person = sc["person"].seeds if "person" in sc else []
+    nat = sc["nationality"].seeds if "nationality" in sc else []
 
     def ok(vals, lo=-1.0, hi=2.0):
         vals = [v for v in vals if v is not None]
@@ -142,19 +157,20 @@ def targets(m: dict) -> list[tuple[str, str, str, bool | None]]:
     return [
         ("functional novel fraction of live latents, each pair", "25-55%", " / ".join(map(_pct, func)), ok(func, .25, .55)),
         ("cosine-novel among live latents, each pair", "<= 70%", " / ".join(map(_pct, cos)), ok(cos, hi=.70)),
-        ("same-width seed mismatch (smallest rung)", "<= 65%", _pct(base.get("mismatch_frac")),
-         ok([base.get("mismatch_frac")], hi=.65)),
-        (f"largest rung ({largest['width']}): latents below density 1e-4", "< 15%",
-         _pct(largest.get("stats_rare_frac")), ok([largest.get("stats_rare_frac")], hi=.1499)),
+        ("same-width seed mismatch (smallest rung)", "<= 65%", _pct(base.mismatch_frac),
+         ok([base.mismatch_frac], hi=.65)),
+        (f"largest rung ({largest.width}): latents below density 1e-4", "< 15%",
+         _pct(largest.stats_rare_frac), ok([largest.stats_rare_frac], hi=.1499)),
         ("always-on latents' share of active slots", "<= 15%", " / ".join(map(_pct, shares)), ok(shares, hi=.15)),
         ("meta-SAE variance explained: train / held-out / random-row control held-out",
          ">= 45% / >= 25% / >= 5x below held-out", f"{_pct(tr)} / {_pct(ho)} / {_pct(rnd)}",
          tr >= .45 and ho >= .25 and rnd * 5 <= ho),
         ("person showcase: a meta-latent with >= 3 scientist/statesman members, per meta seed", "3 of 3 seeds",
-         f"{sum(s['scientist_members'] >= 3 for s in person)} of {len(person)}",
-         len(person) >= 3 and all(s["scientist_members"] >= 3 for s in person)),
+         f"{sum((s.scientist_members or 0) >= 3 for s in person)} of {len(person)}",
+         len(person) >= 3 and all((s.scientist_members or 0) >= 3 for s in person)),
         ("nationality showcase: a meta-latent with Germany/German among its members, per meta seed", "3 of 3 seeds",
-         f"{sum(s['german_member'] for s in nat)} of {len(nat)}", len(nat) >= 3 and all(s["german_member"] for s in nat)),
+         f"{sum(bool(s.german_member) for s in nat)} of {len(nat)}",
+         len(nat) >= 3 and all(s.german_member for s in nat)),
         ("stitching curves: steps where MSE does not rise", ">= 90%",
          " / ".join(map(_pct, mono)) + (f" (groups that lower MSE alone: {' / '.join(map(_pct, alone))}; "
                                         f"whole families: {' / '.join(map(_pct, fams))})"
@@ -192,25 +208,25 @@ def write_report(atlas_path: str | Path, out_dir: str | Path) -> Path:
     f_train = _png(training_curves(Path(atlas_path), atlas.widths), fig_dir / "training_fvu.png", height=380)
     largest = atlas.widths[-1]
     f_terms = _png(meta_terms_figure(atlas, largest), fig_dir / "meta_terms.png", height=350)
-    bcfg = m["build"].get("config") or {}
-    ms = m.get("meta_sae") or {}
-    ov = ms.get("overlap") or {}
-    base = m["stitching"].get("seed_baseline") or {}
-    rows = ms.get("rows") or {}
-    pair_rows = m["stitching"]["pairs"]
-    details = [pair_detail(atlas, p["small"], p["large"]) for p in pair_rows]
+    bcfg = m.build.config
+    ms = m.meta_sae
+    ov = ms.overlap or Overlap()
+    base = m.stitching.seed_baseline or SeedBaseline()
+    rows = ms.rows or MetaRows()
+    pair_rows = m.stitching.pairs
+    details = [pair_detail(atlas, p.small, p.large) for p in pair_rows]
     tgt = targets(m)
     lines = [
         "# Results on the bundled demo atlas",
         "",
         f"Generated by `python -m metasae.report --atlas {atlas_path} --out {out_dir}` from the atlas built with "
-        f"`{m['build']['command']}`.",
+        f"`{m.build.command}`.",
         "",
-        f"Model **{m['model']['name']}**, hook `{m['model']['hook']}` (d_model {m['model']['d_model']}); corpus "
-        f"{', '.join(m['corpus']['sources'])}, {m['corpus']['n_tokens']:,} tokens. "
+        f"Model **{m.model.name}**, hook `{m.model.hook}` (d_model {m.model.d_model}); corpus "
+        f"{', '.join(m.corpus.sources)}, {m.corpus.n_tokens or 0:,} tokens. "
         f"Ladder {', '.join(str(w) for w in atlas.widths)} (BatchTopK k={bcfg.get('k')}, "
         f"{bcfg.get('train_tokens', 0):,} training tokens each, inputs centred on the data mean); meta-SAE "
-        f"{ms.get('width')} meta-latents, k={ms.get('k')}.",
+        f"{ms.width} meta-latents, k={ms.k}.",
         "",
         "Every number below stands next to the baseline that says what it would be by chance or by "
         "non-convergence: the same width trained with another seed, random rows for the meta-SAE, random pairs "
@@ -227,9 +243,9 @@ def write_report(atlas_path: str | Path, out_dir: str | Path) -> Path:
         "| width | L0 | MSE | FVU | CE loss | ΔCE vs clean | dead | density < 1e-4 | always-on latents | "
         "their share of active slots |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        *[f"| {s['width']} | {s['l0']:.1f} | {s['mse']:.2f} | {s['fvu']:.3f} | {s['ce_loss']:.3f} | "
-          f"{s['ce_delta']:+.3f} | {s.get('stats_n_dead', '—')} | {_pct(s.get('stats_rare_frac'))} | "
-          f"{s.get('n_always_on', '—')} | {_pct(s.get('always_on_share'))} |" for s in m["saes"]],
+        *[f"| {s.width} | {_nan(s.l0):.1f} | {_nan(s.mse):.2f} | {_nan(s.fvu):.3f} | {_nan(s.ce_loss):.3f} | "
+          f"{_nan(s.ce_delta):+.3f} | {_or_dash(s.stats_n_dead)} | {_pct(s.stats_rare_frac)} | "
+          f"{_or_dash(s.n_always_on)} | {_pct(s.always_on_share)} |" for s in m.saes],
         "",
         f"Dead and rare counts come from the statistics pass ({bcfg.get('stats_tokens', 0):,} tokens); always-on "
         "latents (firing on over 90% of tokens) and their share of all active (token, latent) slots from the "
@@ -246,29 +262,29 @@ def write_report(atlas_path: str | Path, out_dir: str | Path) -> Path:
         "",
         "Novel, as the paper defines it: a live latent of the larger SAE that *lowers the small SAE's MSE when "
         "inserted into it*. The decoder-cosine test (no smaller latent at cos >= "
-        f"{m['stitching']['threshold']}) is the paper's cheap proxy. Both are shown beside the same numbers for "
-        f"two SAEs of the same width ({base.get('width', '—')}) trained with different seeds.",
+        f"{m.stitching.threshold}) is the paper's cheap proxy. Both are shown beside the same numbers for "
+        f"two SAEs of the same width ({_or_dash(base.width)}) trained with different seeds.",
         "",
         "| pair | live latents | **novel (functional)** | novel (cosine proxy) | cosine-novel that help | "
         "cosine-matched that help | MSE does not rise along the path | groups that lower MSE alone | attribution vs exact ΔCE (Spearman: all "
         "/ \\|ΔCE\\| < 0.05) | paper |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-        *[f"| {p['small']}→{p['large']} | {p.get('n_live_large', '—')} | **{_pct(p.get('novel_frac_functional'))}** | "
-          f"{_pct(p.get('novel_frac_cos_live'))} | {_pct(p.get('cos_novel_that_help'))} | "
-          f"{_pct(p.get('cos_recon_that_help'))} | {_pct(p.get('monotone_frac'))} | "
-          f"{_pct(p.get('groups_help_alone'))} | "
-          f"{p.get('attr_spearman', float('nan')):.2f} / {d['spearman_small']:.2f} (n={d['n_small']}) | "
+        *[f"| {p.small}→{p.large} | {_or_dash(p.n_live_large)} | **{_pct(p.novel_frac_functional)}** | "
+          f"{_pct(p.novel_frac_cos_live)} | {_pct(p.cos_novel_that_help)} | "
+          f"{_pct(p.cos_recon_that_help)} | {_pct(p.monotone_frac)} | "
+          f"{_pct(p.groups_help_alone)} | "
+          f"{_nan(p.attr_spearman):.2f} / {d['spearman_small']:.2f} (n={d['n_small']}) | "
           f"{PAPER['novel_frac']} |" for p, d in zip(pair_rows, details, strict=True)],
-        f"| same width, other seed ({base.get('width', '—')}) | {base.get('n_live', '—')} | "
-        f"**{_pct(base.get('novel_frac_functional'))}** | {_pct(base.get('mismatch_frac'))} | | | | | | "
+        f"| same width, other seed ({_or_dash(base.width)}) | {_or_dash(base.n_live)} | "
+        f"**{_pct(base.novel_frac_functional)}** | {_pct(base.mismatch_frac)} | | | | | | "
         "converged seeds: ~0% |",
         "",
-        _seed_sentence(pair_rows, base),
+        _seed_sentence(pair_rows, m.stitching.seed_baseline),
         "",
         f"![novel fraction](figures/{f_novel})",
         "",
         f"Max cosine of each latent with the next smaller SAE (threshold {facts['threshold']}); the seed pair's "
-        f"median max cosine is {base.get('median_max_cos', float('nan')):.2f}:",
+        f"median max cosine is {_nan(base.median_max_cos):.2f}:",
         "",
         f"![max cosine](figures/{f_cos})",
         "",
@@ -286,28 +302,28 @@ def write_report(atlas_path: str | Path, out_dir: str | Path) -> Path:
         "",
         "## Finding 2: latents decompose into meta-latents",
         "",
-        f"The meta-SAE is trained on the unit decoder rows of {rows.get('source', '—')} rungs "
-        f"({rows.get('n_train', '—')} rows for training, {rows.get('n_heldout', '—')} held out), keeping latents "
-        f"with density in [{rows.get('min_density')}, {rows.get('max_density')}] (dead, ultra-rare and dense "
+        f"The meta-SAE is trained on the unit decoder rows of {_or_dash(rows.source)} rungs "
+        f"({_or_dash(rows.n_train)} rows for training, {_or_dash(rows.n_heldout)} held out), keeping latents "
+        f"with density in [{rows.min_density}, {rows.max_density}] (dead, ultra-rare and dense "
         "latents left out). The control is the same meta-SAE trained on as many random unit vectors.",
         "",
         "| | demo | control / chance | paper |",
         "|---|---:|---:|---|",
-        f"| variance explained, training rows | {_pct(1 - ms.get('train_fvu', float('nan')))} | "
-        f"{_pct(1 - ms.get('random_train_fvu', float('nan')))} (random rows) | {PAPER['meta_var_explained']} |",
-        f"| variance explained, held-out rows | {_pct(1 - ms.get('heldout_fvu', float('nan')))} | "
-        f"{_pct(1 - ms.get('random_heldout_fvu', float('nan')))} (random rows) | |",
-        *([f"| the largest rung's rows alone ({ms['largest_only']['n_rows']} rows): train / held-out | "
-           f"{_pct(1 - ms['largest_only']['train_fvu'])} / {_pct(1 - ms['largest_only']['heldout_fvu'])} | | |"]
-          if ms.get("largest_only") else []),
-        f"| held-out, each meta seed | {' / '.join(_pct(1 - f) for f in ms.get('seed_heldout_fvu', []))} | | |",
-        f"| meta-latents found again by other seeds (cos >= 0.7) | "
-        f"{_pct((ms.get('seed_stability') or {}).get('matched_frac'))} | | |",
-        f"| meta-latents per latent (mean, width {largest}) | {ms.get('terms_per_latent', float('nan')):.2f} | | "
+        f"| variance explained, training rows | {_pct(1 - _nan(ms.train_fvu))} | "
+        f"{_pct(1 - _nan(ms.random_train_fvu))} (random rows) | {PAPER['meta_var_explained']} |",
+        f"| variance explained, held-out rows | {_pct(1 - _nan(ms.heldout_fvu))} | "
+        f"{_pct(1 - _nan(ms.random_heldout_fvu))} (random rows) | |",
+        *([f"| the largest rung's rows alone ({ms.largest_only.n_rows} rows): train / held-out | "
+           f"{_pct(1 - _nan(ms.largest_only.train_fvu))} / {_pct(1 - _nan(ms.largest_only.heldout_fvu))} | | |"]
+          if ms.largest_only else []),
+        f"| held-out, each meta seed | {' / '.join(_pct(1 - _nan(f)) for f in ms.seed_heldout_fvu)} | | |",
+        f"| meta-latents found again by other seeds (cos >= {_seed_threshold(ms):g}) | "
+        f"{_pct(ms.seed_matched_frac)} | | |",
+        f"| meta-latents per latent (mean, width {largest}) | {_nan(ms.terms_per_latent):.2f} | | "
         f"{PAPER['terms']} |",
         f"| stitching pairs ({atlas.widths[0]} vs {largest}) that share a meta-latent | "
-        f"{'not measurable (' + str(ov.get('pairs_stitch')) + ' pairs)' if ov.get('overlap') is None else _pct(ov.get('overlap'))} | "
-        f"{_pct(ov.get('chance'), 2)} (random pairs) | {PAPER['overlap']} |",
+        f"{'not measurable (' + str(ov.pairs_stitch) + ' pairs)' if ov.overlap is None else _pct(ov.overlap)} | "
+        f"{_pct(ov.chance, 2)} (random pairs) | {PAPER['overlap']} |",
         "",
         f"![meta-latents per latent](figures/{f_terms})",
         "",
@@ -317,12 +333,12 @@ def write_report(atlas_path: str | Path, out_dir: str | Path) -> Path:
         "a nationality and a science word list, then decomposes it with each meta-SAE seed.",
         "",
     ]
-    for p in m.get("showcase") or []:
-        dec = atlas.decomposition(p["width"], p["latent"])
+    for p in m.showcase:
+        dec = atlas.decomposition(p.width, p.latent)
         parts = ", ".join(f"**{r.label}** ({r.weight:.2f})" for r in dec.itertuples())
-        seeds = "; ".join(f"seed {i}: {s['scientist_members']} scientist/statesman members, "
-                          f"{'a' if s['german_member'] else 'no'} German member" for i, s in enumerate(p.get("seeds", [])))
-        lines += [f"- **{p['role']}** — latent {p['width']}/{p['latent']} “{p['label']}” ({p['why']}) → {parts}. "
+        seeds = "; ".join(f"seed {i}: {s.scientist_members} scientist/statesman members, "
+                          f"{'a' if s.german_member else 'no'} German member" for i, s in enumerate(p.seeds))
+        lines += [f"- **{p.role}** — latent {p.width}/{p.latent} “{p.label}” ({p.why}) → {parts}. "
                   f"Across meta seeds: {seeds}.", ""]
     lines += _differences(atlas, m, bcfg, ms)
     lines += intervention_block(out_dir / "intervention.md")
@@ -331,29 +347,38 @@ def write_report(atlas_path: str | Path, out_dir: str | Path) -> Path:
     return path
 
 
-def _seed_sentence(pairs: list[dict], base: dict) -> str:
+def _or_dash(x: object) -> str:
+    return "—" if x is None else str(x)
+
+
+def _seed_threshold(ms: MetaSaeInfo) -> float:
+    s = ms.seed_stability
+    return s.threshold if isinstance(s, SeedStability) else COS_THRESHOLD
+
+
+def _seed_sentence(pairs: list[StitchPair], base: SeedBaseline | None) -> str:
     """One plain sentence on what the seed baseline says about the novel fractions."""
-    if not base:
+    if base is None:
         return "No same-width seed baseline in this atlas: the novel fractions cannot be told from non-convergence."
-    func = [p.get("novel_frac_functional") for p in pairs if p.get("novel_frac_functional") is not None]
-    bf = base.get("novel_frac_functional")
+    func = [p.novel_frac_functional for p in pairs if p.novel_frac_functional is not None]
+    bf = base.novel_frac_functional
     if not func or bf is None:
         return ""
     lo, hi = min(func), max(func)
     return (f"Between neighbouring widths {_pct(lo)}-{_pct(hi)} of live latents are novel by the paper's "
-            f"definition; between two seeds of the same width {_pct(bf)} are, and {_pct(base.get('mismatch_frac'))} "
+            f"definition; between two seeds of the same width {_pct(bf)} are, and {_pct(base.mismatch_frac)} "
             "have no cosine partner. "
             + ("So most of the cross-width novelty is more than seed noise. " if lo > 2 * bf else
                "So a good part of the cross-width novelty is what a second seed alone gives: the SAEs are not "
                "converged enough to call those latents new. "))
 
 
-def _differences(atlas: Atlas, m: dict, bcfg: dict, ms: dict) -> list[str]:
+def _differences(atlas: Atlas, m: Manifest, bcfg: dict[str, Any], ms: MetaSaeInfo) -> list[str]:
     return [
         "## Where the demo differs from the paper",
         "",
         "- Model and scale: SmolLM2-135M (30 layers, d_model 576) at layer 15, not GPT-2 small at layer 8; widths "
-        f"{atlas.widths[0]}..{atlas.widths[-1]} instead of 768..98304; {m['corpus']['n_tokens']:,} tokens of "
+        f"{atlas.widths[0]}..{atlas.widths[-1]} instead of 768..98304; {m.corpus.n_tokens or 0:,} tokens of "
         "Wikipedia sample and WordNet glosses instead of hundreds of millions of web tokens; each SAE trained on "
         f"{bcfg.get('train_tokens', 0):,} tokens on a 2-core CPU. The ladder stops at 4608: 9216 at 3M tokens would "
         "take ~80 min of one core alone, over the build's budget.",
@@ -362,7 +387,7 @@ def _differences(atlas: Atlas, m: dict, bcfg: dict, ms: dict) -> list[str]:
         "- Attention sinks: besides position 0, about 0.006% of tokens have residual norms 10-100x the median and "
         "held over half of the variance; they are left out of training and of MSE/FVU/ΔMSE "
         f"(max_norm_ratio = {bcfg.get('max_norm_ratio')}) but stay in the CE evaluation.",
-        f"- The meta-SAE reads {ms.get('rows', {}).get('n_rows', '—')} rows pooled from every rung (the paper: "
+        f"- The meta-SAE reads {_or_dash(ms.rows.n_rows if ms.rows else None)} rows pooled from every rung (the paper: "
         "49152 rows of one SAE), so it is narrower than the paper's (2x d_model instead of 3x): with ~4 rows per "
         "meta-latent it would memorise (the random-row control says how much it does).",
         "- ΔCE is measured on a few thousand evaluation tokens; attribution ΔCE is stored for every latent and the "

@@ -18,7 +18,17 @@ import numpy as np
 import pandas as pd
 
 from metasae.app_state import BadInput, Term, clean_query
-from metasae.atlas import DEAD_LABEL, Atlas, AtlasError, UnknownLatentError
+from metasae.atlas import (
+    DEAD_LABEL,
+    Atlas,
+    AtlasError,
+    MetaRows,
+    SaeInfo,
+    SeedBaseline,
+    ShowcaseItem,
+    StitchPair,
+    UnknownLatentError,
+)
 
 KIND_COLORS = {"novel": "#e4572e", "reconstruction": "#4c78a8", None: "#9e9e9e"}
 LADDER_COLUMNS = ["width", "l0", "mse", "fvu", "ce_loss", "ce_delta"]
@@ -148,39 +158,20 @@ def latent_name(width: int, latent: int, label: Any = None) -> str:
 def overview_facts(atlas: Atlas) -> dict[str, Any]:
     """Model, hook, corpus and meta-SAE facts from the manifest (missing entries are None)."""
     m = atlas.manifest
-    model = m.get("model") if isinstance(m.get("model"), dict) else {}
-    corpus = m.get("corpus") if isinstance(m.get("corpus"), dict) else {}
-    meta = m.get("meta_sae") if isinstance(m.get("meta_sae"), dict) else {}
-    stitch = m.get("stitching") if isinstance(m.get("stitching"), dict) else {}
-    sources = corpus.get("sources")
+    meta = m.meta_sae
     return {
-        "model": model.get("name"), "model_source": model.get("source"), "hook": model.get("hook"),
-        "d_model": model.get("d_model"),
-        "corpus": ", ".join(map(str, sources)) if isinstance(sources, list) else sources,
-        "n_tokens": corpus.get("n_tokens"), "widths": atlas.widths,
+        "model": m.model.name, "model_source": m.model.source, "hook": m.model.hook, "d_model": m.model.d_model,
+        "corpus": ", ".join(m.corpus.sources) or None, "n_tokens": m.corpus.n_tokens, "widths": atlas.widths,
         "n_latents": int(sum(atlas.n_latents(w) for w in atlas.widths)),
-        "meta_width": meta.get("width", atlas.n_meta_latents), "meta_k": meta.get("k"), "meta_fvu": meta.get("fvu"),
-        "meta_terms": meta.get("terms_per_latent"), "meta_overlap": _overlap(meta),
-        "threshold": stitch.get("threshold", 0.7),
-        "synthetic": bool(m.get("synthetic")),
+        "meta_width": meta.width if meta.width is not None else atlas.n_meta_latents, "meta_k": meta.k,
+        "meta_fvu": meta.fvu, "meta_terms": meta.terms_per_latent, "meta_overlap": meta.overlap_value,
+        "threshold": m.stitching.threshold, "synthetic": m.synthetic,
     }
-
-
-def _overlap(meta: dict) -> float | None:
-    """Co-membership overlap as the build reports it: of the stitching pairs, the share that also share a
-    meta-latent (None when there are too few stitching pairs to measure; older atlases: their own ratio)."""
-    ov = meta.get("overlap")
-    if not isinstance(ov, dict):
-        return None
-    return ov["overlap"] if "overlap" in ov else ov.get("overlap_of_meta")
 
 
 def ladder_table(atlas: Atlas) -> pd.DataFrame:
     """One row per SAE width: width, latents, L0, MSE, FVU, CE loss, ΔCE (from the manifest)."""
-    rows = []
-    for s in atlas.manifest.get("saes") or []:
-        if isinstance(s, dict) and isinstance(s.get("width"), int):
-            rows.append({k: s.get(k) for k in LADDER_COLUMNS})
+    rows = [{k: getattr(s, k) for k in LADDER_COLUMNS} for s in atlas.manifest.saes]
     df = pd.DataFrame(rows, columns=LADDER_COLUMNS)
     known = set(df["width"])
     extra = [{"width": w} for w in atlas.widths if w not in known]  # widths the manifest forgot still appear
@@ -195,8 +186,8 @@ def ladder_table(atlas: Atlas) -> pd.DataFrame:
 
 def pair_summaries(atlas: Atlas) -> pd.DataFrame:
     """Per stitching pair: small, large, novel_frac, n_groups (+ attr_spearman etc. when recorded)."""
-    pairs = (atlas.manifest.get("stitching") or {}).get("pairs") or []
-    rows = [p for p in pairs if isinstance(p, dict) and "small" in p and "large" in p]
+    # only what the build recorded: a column no pair has stays absent, as callers test for it
+    rows = [p.model_dump(exclude_unset=True) for p in atlas.manifest.stitching.pairs]
     df = pd.DataFrame(rows)
     have = {(int(r["small"]), int(r["large"])) for r in rows}
     ws = atlas.widths
@@ -240,37 +231,28 @@ def findings(atlas: Atlas) -> dict[str, Any]:
         return float(v.mean()) if len(v) else None
 
     nf = pairs["novel_frac"].dropna() if "novel_frac" in pairs else pd.Series(dtype=float)
-    meta = _section(atlas, "meta_sae")
-    stitch = _section(atlas, "stitching")
+    meta = atlas.manifest.meta_sae
     fvu = facts["meta_fvu"]
-    heldout, train, rand = (number(meta.get(k)) for k in ("heldout_fvu", "train_fvu", "random_heldout_fvu"))
-    base = stitch.get("seed_baseline") if isinstance(stitch.get("seed_baseline"), dict) else None
+    heldout, train, rand = number(meta.heldout_fvu), number(meta.train_fvu), number(meta.random_heldout_fvu)
     return {
         "novel_frac_mean": float(nf.mean()) if len(nf) else None,
         "novel_frac_min": float(nf.min()) if len(nf) else None,
         "novel_frac_max": float(nf.max()) if len(nf) else None,
         "novel_functional": mean("novel_frac_functional"), "novel_cos_live": mean("novel_frac_cos_live"),
-        "monotone_frac": mean("monotone_frac"), "seed_baseline": base,
+        "monotone_frac": mean("monotone_frac"), "seed_baseline": atlas.manifest.stitching.seed_baseline,
         "groups_help_alone": mean("groups_help_alone"), "families_help_alone": mean("families_help_alone"),
         "n_pairs": len(pairs), "threshold": facts["threshold"],
         "meta_var_explained": None if fvu is None else 1.0 - float(fvu),
         "meta_heldout_explained": None if heldout is None else 1.0 - heldout,
         "meta_train_explained": None if train is None else 1.0 - train,
         "meta_random_explained": None if rand is None else 1.0 - rand,
-        "meta_seed_stability": number((meta.get("seed_stability") or {}).get("matched_frac")
-                                      if isinstance(meta.get("seed_stability"), dict) else meta.get("seed_stability")),
-        "meta_rows": meta.get("rows") if isinstance(meta.get("rows"), dict) else None,
+        "meta_seed_stability": number(meta.seed_matched_frac), "meta_rows": meta.rows,
         "meta_width": facts["meta_width"], "meta_k": facts["meta_k"], "meta_terms": facts["meta_terms"],
         "meta_overlap": facts["meta_overlap"], "meta_overlap_measured": facts["meta_overlap"] is not None,
     }
 
 
 PAPER = {"novel_frac": 0.35, "meta_explained": 0.5, "overlap": 0.2892}  # arXiv 2502.04878 (GPT-2 small)
-
-
-def _section(atlas: Atlas, name: str) -> dict[str, Any]:
-    v = atlas.manifest.get(name)
-    return v if isinstance(v, dict) else {}
 
 
 def number(x: Any) -> float | None:
@@ -317,10 +299,10 @@ def paper_notes(atlas: Atlas) -> dict[str, str]:
         elif cos_all is not None:
             parts.append(f"{cos_all:.0%} of all latents by the cosine proxy")
         text = f"The paper finds ~{PAPER['novel_frac']:.0%} novel on GPT-2; here " + " and ".join(parts)
-        base = f["seed_baseline"]
-        mis = number((base or {}).get("mismatch_frac"))
-        if mis is not None:
-            text += (f", while two training seeds of the same width {base.get('width', '?')} already leave "
+        base: SeedBaseline | None = f["seed_baseline"]
+        mis = number(base.mismatch_frac) if base is not None else None
+        if base is not None and mis is not None:
+            text += (f", while two training seeds of the same width {fmt(base.width)} already leave "
                      f"{mis:.0%} of live latents without a partner at cos ≥ {f['threshold']:g} — so that much "
                      f"'novelty' appears without any change of width")
         out["novel"] = text + "."
@@ -347,13 +329,13 @@ def paper_notes(atlas: Atlas) -> dict[str, str]:
         text = f"The paper's meta-SAE explains about half of the variance; this one explains {ve:.0%} of {which}"
         if f["meta_random_explained"] is not None:
             text += f" (a meta-SAE on random rows: {f['meta_random_explained']:.0%})"
-        rows = f["meta_rows"] or {}
-        if rows.get("n_rows"):
-            text += (f", trained on {int(rows['n_rows']):,} rows "
-                     + ("pooled over the widths" if rows.get("source") == "pooled" else "of the largest SAE"))
+        rows: MetaRows | None = f["meta_rows"]
+        if rows is not None and rows.n_rows:
+            text += (f", trained on {rows.n_rows:,} rows "
+                     + ("pooled over the widths" if rows.source == "pooled" else "of the largest SAE"))
         out["meta"] = text + "."
     ov = f["meta_overlap"]
-    if not f["meta_overlap_measured"] and "overlap" in _section(atlas, "meta_sae"):
+    if not f["meta_overlap_measured"] and atlas.manifest.meta_sae.overlap_recorded:
         out["overlap"] = ("The paper measures a 28.92% overlap between sharing a meta-latent and sharing a "
                           "stitching group; on this atlas it is not measurable (too few swap groups).")
     elif ov is not None and abs(float(ov) - PAPER["overlap"]) > 0.05:
@@ -362,20 +344,13 @@ def paper_notes(atlas: Atlas) -> dict[str, str]:
     return out
 
 
-def showcase(atlas: Atlas, role: str | None = None) -> dict[str, Any] | None:
+def showcase(atlas: Atlas, role: str | None = None) -> ShowcaseItem | None:
     """The build's showcase latent (the first one, or the first of ``role``) if it is in this atlas, else None."""
-    items = atlas.manifest.get("showcase")
-    if not isinstance(items, list):
-        return None
-    for item in items:
-        if not isinstance(item, dict) or (role and item.get("role") != role):
+    for item in atlas.manifest.showcase:
+        if role and item.role != role:
             continue
-        try:
-            w, i = int(item["width"]), int(item["latent"])
-        except (KeyError, TypeError, ValueError):
-            continue
-        if w in atlas.widths and 0 <= i < atlas.n_latents(w):
-            return {**item, "width": w, "latent": i}
+        if item.width in atlas.widths and 0 <= item.latent < atlas.n_latents(item.width):
+            return item
     return None
 
 
@@ -386,18 +361,21 @@ RARE = 1e-4
 def latent_counts(atlas: Atlas) -> pd.DataFrame:
     """Per width: latents, dead, rare, dense and the share of active slots taken by always-on latents
     (the manifest's counts, or computed from the density column when an older atlas lacks them)."""
-    recorded = {s.get("width"): s for s in atlas.manifest.get("saes") or [] if isinstance(s, dict)}
     rows = []
     for w in atlas.widths:
-        rec = recorded.get(w) or {}
+        rec = atlas.manifest.sae(w) or SaeInfo(width=w)
         d = atlas.latents_table(w, ["density"])["density"].to_numpy(dtype=float)
         d = np.nan_to_num(d, nan=0.0)
+
+        def given(x: Any, computed: Any) -> Any:
+            return computed if x is None else x
+
         rows.append({"width": w, "latents": len(d),
-                     "dead": rec.get("n_dead", int((d == 0).sum())),
-                     "rare": rec.get("n_rare", int(((d > 0) & (d < RARE)).sum())),
-                     "dense": rec.get("n_dense", int((d > DENSE).sum())),
-                     "always_on_share": rec.get("always_on_share",
-                                                float(d[d > 0.5].sum() / d.sum()) if d.sum() > 0 else None)})
+                     "dead": given(rec.n_dead, int((d == 0).sum())),
+                     "rare": given(rec.n_rare, int(((d > 0) & (d < RARE)).sum())),
+                     "dense": given(rec.n_dense, int((d > DENSE).sum())),
+                     "always_on_share": given(rec.always_on_share,
+                                              float(d[d > 0.5].sum() / d.sum()) if d.sum() > 0 else None)})
     return pd.DataFrame(rows, columns=["width", "latents", "dead", "rare", "dense", "always_on_share"])
 
 
@@ -633,13 +611,18 @@ def stitching_table(atlas: Atlas, small: int, large: int, kind: str | None = Non
     return df
 
 
+def stitch_pair(atlas: Atlas, small: int, large: int) -> StitchPair | None:
+    """The build's record of one (small, large) pair, None when the manifest has none."""
+    return next((p for p in atlas.manifest.stitching.pairs if (p.small, p.large) == (small, large)), None)
+
+
 def pair_summary(atlas: Atlas, small: int, large: int) -> dict[str, Any]:
     """One pair: the manifest's record (novel fraction, groups, actions, attribution Spearman ...), with what it
     lacks computed from the tables."""
     out: dict[str, Any] = {"small": small, "large": large}
-    for p in (atlas.manifest.get("stitching") or {}).get("pairs") or []:
-        if isinstance(p, dict) and p.get("small") == small and p.get("large") == large:
-            out.update(p)
+    stored = stitch_pair(atlas, small, large)
+    if stored is not None:
+        out.update(stored.model_dump(exclude_unset=True))
     cols = [c for c in ("kind", "group_id", "delta_ce", "delta_ce_attr") if c in atlas.columns("latents")]
     lat = atlas.latents_table(large, cols)
     if out.get("novel_frac") is None:
@@ -797,18 +780,19 @@ def latent_over_text(result: dict[str, Any], latent: int) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------- backend
 
 
-def get_backend(atlas_path: str | None = None) -> tuple[Any | None, str | None]:
+def get_backend(atlas_path: str | None = None, preload: bool = False) -> tuple[Any | None, str | None]:
     """(backend, None), or (None, why it is unavailable).
 
     ``metasae.backend.client.get_backend``: METASAE_BACKEND_URL when set, else a local backend subprocess for
-    ``atlas_path`` (started on first need, seconds). Cache the result.
+    ``atlas_path`` (started on first need, seconds; ``preload``: it loads the model and SAEs at once). Cache the
+    result.
     """
     try:
         from metasae.backend.client import get_backend as _get
     except ImportError as e:
         return None, f"Backend unavailable: the backend client cannot be imported ({e})."
     try:
-        return _get(atlas_path), None
+        return _get(atlas_path, preload=preload), None
     except Exception as e:  # a backend that cannot start or be reached: say why, never a traceback
         return None, f"Backend unavailable: {e}"
 
@@ -824,7 +808,7 @@ def warm_backend(atlas: Atlas, env: dict[str, str] | None = None) -> bool:
     import threading
 
     env = os.environ if env is None else env
-    if env.get("METASAE_BACKEND_URL") or env.get(WARM_ENV, "1") == "0" or atlas.manifest.get("synthetic"):
+    if env.get("METASAE_BACKEND_URL") or env.get(WARM_ENV, "1") == "0" or atlas.manifest.synthetic:
         return False
     # preload only this backend: setting METASAE_PRELOAD in our own environment would reach every backend
     # started later by this process (tests start many)
@@ -900,11 +884,8 @@ def fresh_stitch(atlas: Atlas, small: int, large: int, result: dict[str, Any]) -
 def fresh_differences(atlas: Atlas, small: int, large: int, result: dict[str, Any],
                       request: dict[str, Any] | None = None) -> list[str]:
     """Why a fresh evaluation's numbers differ from the stored ones, in words: other tokens, other filtering."""
-    stored = {}
-    for p in _section(atlas, "stitching").get("pairs") or []:
-        if isinstance(p, dict) and p.get("small") == small and p.get("large") == large:
-            stored = p
-    cfg = (atlas.manifest.get("build") or {}).get("config") or {}
+    stored = stitch_pair(atlas, small, large) or StitchPair(small=small, large=large)
+    cfg = atlas.manifest.build.config
     req = request or {}
     n, n_ce = result.get("n_tokens"), result.get("n_ce_tokens")
     out = []
@@ -913,7 +894,7 @@ def fresh_differences(atlas: Atlas, small: int, large: int, result: dict[str, An
     else:
         what = f"{fmt(req.get('n_tokens'))} tokens of the atlas's corpus (sample seed {req.get('seed', 0)})"
     out.append(f"Other tokens: the fresh numbers come from {what}; the atlas measured MSE on "
-               f"{fmt(stored.get('eval_tokens'))} held-out corpus tokens and CE on {fmt(stored.get('ce_tokens'))}. "
+               f"{fmt(stored.eval_tokens)} held-out corpus tokens and CE on {fmt(stored.ce_tokens)}. "
                "The same tokens give the same numbers (a test holds the two paths equal); different tokens give "
                "different ones, most of all on a few hundred tokens.")
     ratio = result.get("max_norm_ratio")

@@ -128,7 +128,7 @@ st.subheader("Family tree across the whole ladder")
 with ui.guard():  # issue 12.3: nearest latents by decoder cosine in every smaller and larger width
     from metasae import family
 
-    if not atlas.manifest.get("weights", True):
+    if not atlas.manifest.weights:
         st.caption("This atlas has no SAE weights: the decoder cosines cannot be computed.")
     else:
         tree = family.latent_family(atlas, width, latent, k=3)

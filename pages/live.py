@@ -17,7 +17,7 @@ st.segmented_control("Encode", list(SOURCES), key="lv_src", format_func=SOURCES.
                      on_change=ui.to_url("lv_src", "src", default="row"))
 
 with ui.guard():
-    d_model = (atlas.manifest.get("model") or {}).get("d_model")
+    d_model = atlas.manifest.model.d_model
     stored = None
     if src == "row":
         width, latent, bad = ui.latent_picker(atlas, "lv")
@@ -46,7 +46,7 @@ with ui.guard():
     live = views.encode_live(atlas, ui.meta_sae(ui.atlas_key(ctx), atlas), vector)
     st.caption(f"‖vector‖ = {float(np.linalg.norm(vector)):.4g} · the meta-SAE gives {len(live)} meta-latents")
     if stored is not None:
-        if atlas.manifest.get("synthetic"):
+        if atlas.manifest.synthetic:
             st.info("A synthetic atlas: its stored decompositions were planted, not computed by its (random) "
                     "meta-SAE, so the two disagree here. On a built atlas they agree up to float precision.")
         cmp = views.compare(stored, live)

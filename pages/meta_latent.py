@@ -51,7 +51,7 @@ st.subheader("Nearest latents in every width (decoder cosine, members or not)")
 with ui.guard():  # issue 12.3: the meta-latent's direction against every decoder row of the ladder
     from metasae import family
 
-    if not atlas.manifest.get("weights", True):
+    if not atlas.manifest.weights:
         st.caption("This atlas has no SAE weights: the decoder cosines cannot be computed.")
     else:
         near, best = family.meta_family(atlas, meta, k=5)

@@ -40,7 +40,7 @@ left, right = st.columns(2)
 with left, st.container(border=True):
     st.subheader("1 · Bigger SAEs do not just refine smaller ones")
     nf, func, live = found["novel_frac_mean"], found["novel_functional"], found["novel_cos_live"]
-    base = found["seed_baseline"] or {}
+    base = found["seed_baseline"]
     if func is not None:
         head = (f"**{func:.0%}** of the live latents on average here are novel by the paper's test — inserting one "
                 "into the next smaller SAE lowers its MSE"
@@ -51,9 +51,9 @@ with left, st.container(border=True):
                 f"{found['threshold']:g})" + (f": **{nf:.0%}** of them on average here" if nf is not None else ""))
     st.markdown(
         f"Each larger SAE of the ladder holds **novel** latents: {head}. "
-        + (f"Same-width baseline: two seeds of width {base.get('width')} leave "
-           f"**{float(base['mismatch_frac']):.0%}** of live latents unmatched. "
-           if views.number(base.get("mismatch_frac")) is not None else "")
+        + (f"Same-width baseline: two seeds of width {base.width} leave "
+           f"**{base.mismatch_frac:.0%}** of live latents unmatched. "
+           if base is not None and views.number(base.mismatch_frac) is not None else "")
         + "The rest are **reconstruction** latents that re-cut old ones. Adding the novel latents and swapping the "
           "groups one at a time walks from the small SAE to the large one (the paths on the MSE-vs-L0 plane "
           "below): there is no single right width, so no canonical set of units.")
@@ -82,9 +82,9 @@ with right, st.container(border=True):
     note("meta")
     note("overlap")
     if example:
-        ui.page_link("latent", f"Open {views.latent_name(example['width'], example['latent'], example.get('label'))}"
-                     " and its decomposition", {"width": example["width"], "latent": example["latent"]},
-                     icon=":material/scatter_plot:", help=example.get("why"))
+        ui.page_link("latent", f"Open {views.latent_name(example.width, example.latent, example.label)}"
+                     " and its decomposition", {"width": example.width, "latent": example.latent},
+                     icon=":material/scatter_plot:", help=example.why)
 
 st.subheader("The ladder")
 with ui.guard():
@@ -113,7 +113,8 @@ with ui.guard():
 c1, c2 = st.columns(2)
 with c1, ui.guard():
     st.plotly_chart(plots.novel_fraction_figure(views.pair_summaries(atlas),
-                                                seed_mismatch=views.number((found["seed_baseline"] or {})
-                                                                         .get("mismatch_frac"))), key="novel")
+                                                seed_mismatch=views.number(found["seed_baseline"].mismatch_frac
+                                                                         if found["seed_baseline"] else None)),
+                    key="novel")
 with c2, ui.guard():
-    st.plotly_chart(plots.max_cos_figure(views.max_cos(atlas), float(found["threshold"] or 0.7)), key="maxcos")
+    st.plotly_chart(plots.max_cos_figure(views.max_cos(atlas), float(found["threshold"])), key="maxcos")

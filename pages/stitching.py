@@ -8,7 +8,7 @@ from metasae import app_state, plots, ui, views
 ctx, atlas = ui.require_atlas()
 st.title("SAE stitching")
 
-pairs = app_state.stitching_pairs(atlas)
+pairs = app_state.page_pairs(atlas)
 try:
     small, large = app_state.resolve_pair(atlas, ui.param("pair"))
     url_error = None
@@ -34,14 +34,17 @@ m[1].metric("Swap groups", views.fmt(summary.get("n_groups")))
 m[2].metric("Steps: add / swap / remove", " / ".join(views.fmt(summary.get(k)) for k in ("n_add", "n_swap", "n_remove")))
 m[3].metric("ΔCE attribution vs exact", views.fmt(summary.get("attr_spearman"), 3),
             help="Spearman rank correlation of the attribution estimate with exact ablation ΔCE")
-m[4].metric("Cosine threshold", views.fmt((atlas.manifest.get("stitching") or {}).get("threshold"), 3))
+m[4].metric("Cosine threshold", views.fmt(atlas.manifest.stitching.threshold, 3))
 
-curve = atlas.stitching_curve(small, large)
-c1, c2 = st.columns([3, 2])
-with c1, ui.guard():
-    st.plotly_chart(plots.stitch_path_figure(curve, small, large), key="path")
-with c2, ui.guard():
-    st.plotly_chart(plots.stitch_ce_figure(curve, small, large), key="ce")
+curve = atlas.stitching_curve(small, large)  # empty without the (optional) stitching table
+if not atlas.has_table("stitching"):  # the latents' kinds and deltas below still hold
+    st.info("No interpolation curves. " + atlas.missing_table_message("stitching"))
+else:
+    c1, c2 = st.columns([3, 2])
+    with c1, ui.guard():
+        st.plotly_chart(plots.stitch_path_figure(curve, small, large), key="path")
+    with c2, ui.guard():
+        st.plotly_chart(plots.stitch_ce_figure(curve, small, large), key="ce")
 
 st.subheader(f"Latents of width {large}")
 with ui.guard():

@@ -25,6 +25,7 @@ from metasae.atlas.schema import FORMAT_VERSION, MANIFEST, MIN_FORMAT_VERSION
 # Decoder cosine at or above which a larger latent counts as a reconstruction of a smaller one (the paper's
 # proxy for novelty); the build's `--threshold` default and what an atlas that records none was built with.
 COS_THRESHOLD = 0.7
+DEFAULT_CTX_LEN = 128  # tokens per context of an atlas that records none (the build's default)
 
 
 class _Section(BaseModel):
@@ -73,6 +74,11 @@ class SaeInfo(_Section):
     n_always_on: int | None = None
     always_on_share: float | None = None
     dense_share: float | None = None
+    # dead / rare / dense as the statistics pass counted them (the n_* above come from the evaluation tokens)
+    stats_n_dead: int | None = None
+    stats_n_rare: int | None = None
+    stats_n_dense: int | None = None
+    stats_rare_frac: float | None = None
 
     @property
     def folder(self) -> str:
@@ -245,6 +251,12 @@ class Manifest(_Section):
     def to_dict(self) -> dict[str, Any]:
         """The JSON object: what was given or read, unknown keys included (defaults not given are left out)."""
         return self.model_dump(mode="json", exclude_unset=True)
+
+    @property
+    def ctx_len(self) -> int:
+        """Tokens per context the atlas was measured on (corpus, else build config, else the default)."""
+        ctx = self.corpus.ctx_len or self.build.config.get("ctx_len")
+        return int(ctx) if isinstance(ctx, int) and ctx > 0 else DEFAULT_CTX_LEN
 
     def sae(self, width: int) -> SaeInfo | None:
         """The record of one width, None when the manifest lists no such SAE."""

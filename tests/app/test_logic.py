@@ -162,8 +162,9 @@ def test_paper_notes_and_counts_read_old_and_new_manifests(atlas, old_manifest_a
     notes = views.paper_notes(atlas)
     assert set(notes) == {"novel", "meta", "overlap"}  # the synthetic paths fall smoothly: no "paths" note
     old = Atlas.open(old_manifest_atlas)
-    assert views.showcase(old) is None and views.showcase(atlas)["latent"] == 7
-    assert views.showcase(atlas, "science") == {**views.showcase(atlas, "science"), "width": 64, "latent": 2}
+    person, science = views.showcase(atlas), views.showcase(atlas, "science")
+    assert views.showcase(old) is None and person is not None and person.latent == 7
+    assert science is not None and (science.width, science.latent) == (64, 2)
     assert views.latent_counts(old).equals(views.latent_counts(atlas).assign(
         always_on_share=views.latent_counts(old)["always_on_share"]))
     assert set(views.paper_notes(old)) == {"paths"}  # no functional fraction: the cosine proxy is near 35%
@@ -188,7 +189,7 @@ def test_background_loading_progress_and_warm_start(atlas, monkeypatch):
 
     called = threading.Event()
     monkeypatch.setattr(views, "get_backend", lambda path, preload=False: preload and called.set())
-    real = type("A", (), {"manifest": {}, "path": atlas.path})()
+    real = type("A", (), {"manifest": atlas.manifest.model_copy(update={"synthetic": False}), "path": atlas.path})()
     assert not views.warm_backend(real, env={"METASAE_BACKEND_URL": "http://gpu:8000"})
     assert not views.warm_backend(real, env={"METASAE_WARM_BACKEND": "0"})
     assert views.warm_backend(real, env={}) and called.wait(5)  # started, asked to preload

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from metasae import report
-from metasae.atlas import Atlas
+from metasae.atlas import Atlas, Manifest
 from metasae.synthetic_atlas import make_synthetic_atlas
 
 
@@ -41,13 +41,18 @@ def test_pair_detail_novel_among_live_and_small_effect_spearman(atlas):
 
 def test_targets_are_read_from_the_manifest_and_judged():
     seeds_ok = [{"scientist_members": 3, "german_member": True}] * 3
-    m = {"stitching": {"pairs": [{"novel_frac_functional": 0.30, "novel_frac_cos_live": 0.6, "monotone_frac": 0.95},
-                                 {"novel_frac_functional": 0.60, "novel_frac_cos_live": 0.5, "monotone_frac": 0.91}],
-                       "seed_baseline": {"mismatch_frac": 0.64}},
-         "saes": [{"width": 8, "always_on_share": 0.0}, {"width": 16, "always_on_share": 0.2, "stats_rare_frac": 0.1}],
-         "meta_sae": {"train_fvu": 0.5, "heldout_fvu": 0.7, "random_heldout_fvu": 0.95},
-         "showcase": [{"role": "person", "seeds": seeds_ok},
-                      {"role": "nationality", "seeds": [*seeds_ok[:2], {"scientist_members": 0, "german_member": False}]}]}
+    m = Manifest.coerce({
+        "model": {"name": "m"},
+        "stitching": {"pairs": [{"small": 8, "large": 16, "novel_frac_functional": 0.30, "novel_frac_cos_live": 0.6,
+                                 "monotone_frac": 0.95},
+                                {"small": 16, "large": 32, "novel_frac_functional": 0.60, "novel_frac_cos_live": 0.5,
+                                 "monotone_frac": 0.91}],
+                      "seed_baseline": {"mismatch_frac": 0.64}},
+        "saes": [{"width": 8, "always_on_share": 0.0}, {"width": 16, "always_on_share": 0.2, "stats_rare_frac": 0.1}],
+        "meta_sae": {"train_fvu": 0.5, "heldout_fvu": 0.7, "random_heldout_fvu": 0.95},
+        "showcase": [{"role": "person", "width": 16, "latent": 1, "seeds": seeds_ok},
+                     {"role": "nationality", "width": 16, "latent": 2,
+                      "seeds": [*seeds_ok[:2], {"scientist_members": 0, "german_member": False}]}]})
     got = {t[0].split(":")[0].split(",")[0]: (t[2], t[3]) for t in report.targets(m)}
     assert got["functional novel fraction of live latents"] == ("30.0% / 60.0%", False)  # 60% is above 55%
     assert got["cosine-novel among live latents"][1] is True

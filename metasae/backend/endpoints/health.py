@@ -13,7 +13,7 @@ def health(request: Request, full: bool) -> JSONResponse:
     status = 503 if body["status"] == "error" else 200
     if not full:
         return JSONResponse({"status": body["status"], "auth": True, "version": state.version}, status_code=status)
-    manifest = state.resources._atlas.manifest if state.resources._atlas is not None else {}
-    body.update(model=(manifest.get("model") or {}).get("name"), jobs=state.jobs.counts(),
+    atlas = state.resources._atlas
+    body.update(model=atlas.manifest.model.name if atlas is not None else None, jobs=state.jobs.counts(),
                 auth=bool(state.settings.token), version=state.version)
     return JSONResponse(body, status_code=status)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import importlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
+from metasae.atlas import AtlasError, Manifest
+from metasae.atlas.manifest import DEFAULT_CTX_LEN
 from metasae.backend.config import Settings
 from metasae.backend.endpoints.activations import token_ids
 from metasae.backend.errors import ApiError, field_error
@@ -26,10 +29,13 @@ def load_stitch_fn(spec: str) -> tuple[Callable, tuple[type[BaseException], ...]
     return fn, ((cancelled,) if isinstance(cancelled, type) and issubclass(cancelled, BaseException) else ())
 
 
-def ctx_len_of(manifest: dict) -> int:
-    corpus = manifest.get("corpus") or {}
-    cfg = (manifest.get("build") or {}).get("config") or {}
-    return int(corpus.get("ctx_len") or cfg.get("ctx_len") or 128)
+def ctx_len_of(manifest: Mapping[str, Any]) -> int:
+    """Tokens per context from a manifest.json object read before the atlas opens (``atlas_spec``); a manifest
+    that does not validate gives the default."""
+    try:
+        return Manifest.coerce(manifest).ctx_len
+    except AtlasError:
+        return DEFAULT_CTX_LEN
 
 
 def text_tokens(tokenizer, text: str, ctx_len: int, limit: int):
@@ -50,16 +56,16 @@ def corpus_tokens(res: Resources, n_tokens: int, seed: int):
     """`n_tokens` tokens of the atlas's own corpus sources (those installed here), shuffled by `seed`."""
     from metasae.corpus import available_sources, build_contexts
 
-    manifest = res.manifest
-    sources = list((manifest.get("corpus") or {}).get("sources") or ["wiki"])
+    manifest: Manifest = res.atlas().manifest
+    sources = manifest.corpus.sources or ["wiki"]  # an atlas that records no corpus: the default source
     have = available_sources()
     usable = [s for s in sources if have.get(s, True)]
     if not usable:
         raise field_error("n_tokens", f"none of the atlas's corpus sources {sources} is installed here; send text")
-    return build_contexts(usable, res.lm().tokenizer, ctx_len_of(manifest), n_tokens, seed=seed)
+    return build_contexts(usable, res.lm().tokenizer, manifest.ctx_len, n_tokens, seed=seed)
 
 
-def as_built(fn: Callable, manifest: dict) -> dict:
+def as_built(fn: Callable, manifest: Manifest) -> dict:
     """The options that make `fn` measure what the atlas's build measured (sink filtering, fp16 rounding), for
     an evaluator that takes them (`metasae.distributed.build_settings`); others get none."""
     import inspect
@@ -67,13 +73,14 @@ def as_built(fn: Callable, manifest: dict) -> dict:
     from metasae.distributed import build_settings
 
     params = inspect.signature(fn).parameters
-    return {k: v for k, v in build_settings(manifest).items() if k in params}
+    return {k: v for k, v in build_settings(manifest.to_dict()).items() if k in params}
 
 
 def stitch_job(req: StitchRequest, res: Resources, settings: Settings) -> Callable[[Job], dict]:
     fn, cancelled = load_stitch_fn(settings.stitch_fn)
-    threshold = req.threshold or float((res.manifest.get("stitching") or {}).get("threshold") or 0.7)
-    built = as_built(fn, res.manifest)
+    manifest: Manifest = res.atlas().manifest
+    threshold = req.threshold or manifest.stitching.threshold
+    built = as_built(fn, manifest)
 
     def run(job: Job) -> dict:
         with res.use():
@@ -82,7 +89,7 @@ def stitch_job(req: StitchRequest, res: Resources, settings: Settings) -> Callab
             small, large = res.sae(req.small, "small"), res.sae(req.large, "large")
             job.report(0.02, "preparing tokens")
             if req.text is not None:
-                tokens = text_tokens(lm.tokenizer, req.text, ctx_len_of(res.manifest), settings.max_stitch_tokens)
+                tokens = text_tokens(lm.tokenizer, req.text, res.atlas().manifest.ctx_len, settings.max_stitch_tokens)
             else:
                 tokens = corpus_tokens(res, req.n_tokens, req.seed)
             job.report(0.05, f"evaluating on {tokens.numel()} tokens")
@@ -119,7 +126,7 @@ def start_stitch(req: StitchRequest, res: Resources, jobs: JobManager, settings:
     res.check_width(req.large, "large")
     if req.large <= req.small:
         raise field_error("large", f"must be wider than small ({req.large} <= {req.small})")
-    if req.n_tokens is not None and req.n_tokens < (ctx := ctx_len_of(res.manifest)):  # ctx unknown at start
+    if req.n_tokens is not None and req.n_tokens < (ctx := res.atlas().manifest.ctx_len):  # ctx unknown at start
         raise field_error("n_tokens", f"must be at least one context ({ctx} tokens), got {req.n_tokens}")
     summary = req.model_dump(exclude_none=True)
     if req.text is not None:
