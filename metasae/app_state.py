@@ -323,7 +323,8 @@ def parse_direction(expr: str | None, atlas: Atlas | None = None) -> list[Term]:
         raise BadInput("Type a direction such as `128:7 - 128:3 + 256:42` (width:latent, joined by + and -).")
     if len(text) > 400:
         raise BadInput(f"The direction is {len(text)} characters long; keep it under 400 (at most {MAX_TERMS} terms).")
-    terms, pos = [], 0
+    terms: list[Term] = []
+    pos = 0
     while pos < len(text):
         m = _TERM.match(text, pos)
         if not m or m.end() == pos or (terms and not m.group(1)):

@@ -98,6 +98,11 @@ _LATENT_COLUMNS = ["label", "density", "delta_mse", "delta_ce", "kind", "top_tok
 CACHE_VERSION = 1
 
 
+# _mask's filters: widths, kind, min/max density, min/max delta_mse
+_Filters = tuple[Iterable[int] | None, str | Iterable[str] | None, float | None, float | None, float | None,
+                 float | None]
+
+
 class SearchIndex:
     """Precomputed search structures over one Atlas; build once, query many times.
 
@@ -177,7 +182,7 @@ class SearchIndex:
     def _frame(self, rows: np.ndarray, score: np.ndarray, band: np.ndarray | None = None) -> pd.DataFrame:
         kinds = np.array(self._kind_values + [None], dtype=object)
         kind = kinds[self._kind_code[rows]] if len(rows) else np.zeros(0, dtype=object)
-        kind = np.where(kind == "", None, kind)
+        kind = np.where(kind == "", np.array(None, dtype=object), kind)
         out = pd.DataFrame({
             "sae_width": self._width[rows], "latent": self._latent[rows], "label": self.atlas.labels_at(rows),
             "score": score, "density": self._density[rows], "kind": kind,
@@ -200,7 +205,7 @@ class SearchIndex:
         rows, inverse = np.unique(rows, return_inverse=True)
         return rows, np.bincount(inverse, weights=weights.astype(np.float64), minlength=len(rows))
 
-    def _label_hits(self, q: str, filters: tuple) -> np.ndarray:
+    def _label_hits(self, q: str, filters: _Filters) -> np.ndarray:
         """Latent rows (passing ``filters``), ascending, whose lowercased label contains ``q`` literally."""
         # Every whitespace-free piece of q lies inside one word of a matching label, so the label-word
         # postings give a superset of the answer; only those candidates get the literal substring check.
@@ -218,7 +223,7 @@ class SearchIndex:
             return np.flatnonzero(_np(pc.match_substring(self._labels_lc, q), fill=False) & self._mask(*filters))
         return cand[_np(pc.match_substring(self._labels_lc.take(pa.array(cand)), q), fill=False)]
 
-    def _words_score(self, matrix: _Postings, words: list[str], filters: tuple,
+    def _words_score(self, matrix: _Postings, words: list[str], filters: _Filters,
                      scale: float) -> tuple[np.ndarray, np.ndarray]:
         """(latent rows ascending, tie-break in (0, 1)) of the latents passing ``filters`` that match every word."""
         rows, total = np.zeros(0, np.int64), np.zeros(0)
@@ -254,7 +259,7 @@ class SearchIndex:
         limit = max(int(limit), 0)
         if not q or limit == 0 or self.n == 0:
             return self._empty()
-        filters = (widths, kind, min_density, max_density, min_delta_mse, max_delta_mse)
+        filters: _Filters = (widths, kind, min_density, max_density, min_delta_mse, max_delta_mse)
         parts_rows, parts_score = [np.zeros(0, np.int64)], [np.zeros(0)]
         if len(q) <= self._max_label_len:
             rows = self._label_hits(q, filters)
@@ -450,8 +455,8 @@ def _build(atlas: Atlas, window: tuple[int, int],
     weight = (1.0 / (1.0 + top_rank)).astype(np.float32)  # earlier top tokens count more
     out["top"] = _csr(weight, top_tok, top_row, (v, n))
     del top_tok, top_row, top_rank, weight
-    for c, raw in enumerate(raws):
-        raws[c] = to_vocab[dict_start[c] + raw]
+    for j, codes in enumerate(raws):
+        raws[j] = to_vocab[dict_start[j] + codes]
     tok = np.concatenate(raws) if raws else np.zeros(0, np.int32)
     del raws
     lat_rows = np.concatenate(rows) if rows else np.zeros(0, np.int32)

@@ -17,13 +17,31 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from metasae.atlas import DEAD_LABEL, AtlasError, write_manifest, write_table, write_table_parts
+from metasae.atlas import (
+    COS_THRESHOLD,
+    DEAD_LABEL,
+    REQUIRED_TABLES,
+    AtlasError,
+    BuildInfo,
+    CorpusInfo,
+    Manifest,
+    MetaRows,
+    MetaSaeInfo,
+    ModelInfo,
+    SaeInfo,
+    SeedBaseline,
+    ShowcaseItem,
+    StitchingInfo,
+    StitchPair,
+    write_manifest,
+    write_table,
+    write_table_parts,
+)
 
 DEFAULT_WIDTHS = (64, 128, 256)
 PAPER_WIDTHS = (768, 1536, 3072, 6144, 12288, 24576, 49152, 98304)
 PAPER = {"widths": PAPER_WIDTHS, "n_meta": 2304, "k": 4, "n_examples": 10, "ctx": 32, "d_model": 768}
 SYNTHETIC_MODEL = "synthetic"
-COS_THRESHOLD = 0.7
 N_TOP = 10  # top tokens / boosted logits per latent
 N_BINS = 20  # activation histogram bins
 CHUNK_LATENTS = 8192  # latents per part of the examples table (x n_examples rows: whole row groups of 8192)
@@ -226,58 +244,59 @@ def make_synthetic_atlas(
     kinds = latents["kind"].to_numpy(zero_copy_only=False)
     groups = latents["group_id"].fill_null(-1).to_numpy()
     density = latents["density"].to_numpy()
-    pairs = []  # same shape as metasae.build writes: one summary per (small, large) pair
+    pairs = []  # one summary per (small, large) pair, as the build's assembly records
     for i in range(1, len(widths)):
         s, e = lad.starts[i], lad.starts[i] + lad.sizes[i]
         live = density[s:e] > 0
         novel = kinds[s:e] == "novel"
-        pairs.append({"small": widths[i - 1], "large": widths[i],
-                      "novel_frac": float(np.mean(novel)),
-                      "n_groups": int(len(np.unique(groups[s:e][groups[s:e] >= 0]))),
-                      # planted: the functional test (insertion lowers MSE) finds fewer novel latents than cosine
-                      "novel_frac_functional": round(0.6 * float(np.mean(novel[live])), 4),
-                      "novel_frac_cos_live": float(np.mean(novel[live])), "n_live_large": int(live.sum()),
-                      "monotone_frac": 0.97})
+        pairs.append(StitchPair(
+            small=widths[i - 1], large=widths[i], novel_frac=float(np.mean(novel)),
+            n_groups=int(len(np.unique(groups[s:e][groups[s:e] >= 0]))),
+            # planted: the functional test (insertion lowers MSE) finds fewer novel latents than cosine
+            novel_frac_functional=round(0.6 * float(np.mean(novel[live])), 4),
+            novel_frac_cos_live=float(np.mean(novel[live])), n_live_large=int(live.sum()), monotone_frac=0.97))
     for i, w in enumerate(widths):
         d = density[lad.starts[i]:lad.starts[i] + w]
         stats[w].update(n_dead=int((d == 0).sum()), n_rare=int(((d > 0) & (d < 1e-4)).sum()),
                         n_dense=int((d > 0.1).sum()),
                         always_on_share=round(float(d[d > 0.5].sum() / max(d.sum(), 1e-12)), 4))
 
-    for name, table in (("latents", latents), ("decompositions", dec), ("meta_latents", meta),
-                        ("stitching", stitching)):
+    tables = {"latents": latents, "decompositions": dec, "meta_latents": meta, "stitching": stitching}
+    for name, table in tables.items():
         write_table(out, name, table)
-    del latents, dec
+    del latents, dec, tables
     # the examples table (10 x 32 tokens a latent) is written in parts: a million-latent atlas never holds it whole
     write_table_parts(out, "examples", examples.parts(tok_arr, progress))
+    missing = [t for t in REQUIRED_TABLES if not (out / f"{t}.parquet").is_file()]
+    assert not missing, f"the synthetic atlas does not write the required tables {missing}"
     if with_weights:
         _write_weights(out, widths, n_meta, d_model, seed)
-    manifest = {
-        "model": {"name": SYNTHETIC_MODEL, "source": "metasae.synthetic_atlas", "hook": "blocks.0.hook_resid_pre",
-                  "d_model": d_model},
-        "corpus": {"sources": ["synthetic"], "n_tokens": int(lad.n * n_examples * ctx)},
-        "build": {
-            "command": (f"make_synthetic_atlas(widths={widths}, n_meta={n_meta}, k={k}, n_examples={n_examples}, "
-                        f"ctx={ctx}, seed={seed}, plant={plant}, with_weights={with_weights})"),
-            "seed": seed, "packages": {"pyarrow": pa.__version__, "numpy": np.__version__},
-            "created": "2025-01-01T00:00:00+00:00",  # fixed so the same seed gives the same bytes
-        },
-        "saes": [{"width": w, "path": f"saes/{w}", **stats[w]} for w in widths],
-        "meta_sae": {"path": "meta_sae", "width": n_meta, "k": k, "fvu": 0.52, "train_fvu": 0.52,
-                     "heldout_fvu": 0.61, "random_heldout_fvu": 0.97, "seed_stability": 0.42, "overlap": None,
-                     "rows": {"source": "pooled", "n_rows": lad.n, "min_density": 1e-4, "max_density": 0.1}},
-        "stitching": {"threshold": COS_THRESHOLD, "pairs": pairs,
-                      "seed_baseline": {"width": widths[1], "mismatch_frac": 0.31, "median_max_cos": 0.74,
-                                        "seeds": [seed, seed + 1]}},
-        "showcase": [{"role": role, "width": planted[name]["width"], "latent": planted[name]["latent"],
-                      "label": planted[name]["label"], "why": why}
-                     for role, name, why in (("person", "einstein", "a named person, decomposed into science + "
-                                                                    "prominent figures + German"),
-                                             ("science", "physics", "a science topic with a clear family"))
-                     if name in planted],
-        "weights": with_weights,
-        "synthetic": True,
-    }
+    manifest = Manifest(
+        model=ModelInfo(name=SYNTHETIC_MODEL, source="metasae.synthetic_atlas", hook="blocks.0.hook_resid_pre",
+                        d_model=d_model),
+        corpus=CorpusInfo(sources=["synthetic"], n_tokens=int(lad.n * n_examples * ctx)),
+        build=BuildInfo(
+            command=(f"make_synthetic_atlas(widths={widths}, n_meta={n_meta}, k={k}, n_examples={n_examples}, "
+                     f"ctx={ctx}, seed={seed}, plant={plant}, with_weights={with_weights})"),
+            seed=seed, packages={"pyarrow": pa.__version__, "numpy": np.__version__},
+            created="2025-01-01T00:00:00+00:00",  # fixed so the same seed gives the same bytes
+        ),
+        saes=[SaeInfo(width=w, path=f"saes/{w}", **stats[w]) for w in widths],
+        meta_sae=MetaSaeInfo(path="meta_sae", width=n_meta, k=k, fvu=0.52, train_fvu=0.52, heldout_fvu=0.61,
+                             random_heldout_fvu=0.97, seed_stability=0.42, overlap=None,
+                             rows=MetaRows(source="pooled", n_rows=lad.n, min_density=1e-4, max_density=0.1)),
+        stitching=StitchingInfo(threshold=COS_THRESHOLD, pairs=pairs,
+                                seed_baseline=SeedBaseline(width=widths[1], mismatch_frac=0.31, median_max_cos=0.74,
+                                                           seeds=[seed, seed + 1])),
+        showcase=[ShowcaseItem(role=role, width=planted[name]["width"], latent=planted[name]["latent"],
+                               label=planted[name]["label"], why=why)
+                  for role, name, why in (("person", "einstein", "a named person, decomposed into science + "
+                                                                 "prominent figures + German"),
+                                          ("science", "physics", "a science topic with a clear family"))
+                  if name in planted],
+        weights=with_weights,
+        synthetic=True,
+    )
     write_manifest(out, manifest)
     return out
 

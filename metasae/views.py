@@ -11,6 +11,7 @@ import functools
 import html
 import math
 import unicodedata
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -623,7 +624,7 @@ def pair_summary(atlas: Atlas, small: int, large: int) -> dict[str, Any]:
     stored = stitch_pair(atlas, small, large)
     if stored is not None:
         out.update(stored.model_dump(exclude_unset=True))
-    cols = [c for c in ("kind", "group_id", "delta_ce", "delta_ce_attr") if c in atlas.columns("latents")]
+    cols: list[str] = [c for c in ("kind", "group_id", "delta_ce", "delta_ce_attr") if c in atlas.columns("latents")]
     lat = atlas.latents_table(large, cols)
     if out.get("novel_frac") is None:
         out["novel_frac"] = float((lat["kind"] == "novel").mean()) if len(lat) else None
@@ -683,10 +684,10 @@ def encode_live(atlas: Atlas, meta_sae: Any, vector: np.ndarray) -> pd.DataFrame
         w, i = decompose(meta_sae, torch.as_tensor(np.asarray(vector, dtype=np.float32)))
     except SaeError as e:
         raise BadInput(str(e)) from None
-    w, i = w[0].numpy(), i[0].numpy()
-    keep = w > 0
-    ids = i[keep].astype(int)
-    return pd.DataFrame({"meta_latent": ids, "weight": w[keep].astype(float),
+    weights, idx = w[0].numpy(), i[0].numpy()
+    keep = weights > 0
+    ids = idx[keep].astype(int)
+    return pd.DataFrame({"meta_latent": ids, "weight": weights[keep].astype(float),
                          "label": [meta_label(atlas, m) for m in ids]})
 
 
@@ -800,7 +801,7 @@ def get_backend(atlas_path: str | None = None, preload: bool = False) -> tuple[A
 WARM_ENV = "METASAE_WARM_BACKEND"  # "0": do not start the local backend when the app starts
 
 
-def warm_backend(atlas: Atlas, env: dict[str, str] | None = None) -> bool:
+def warm_backend(atlas: Atlas, env: Mapping[str, str] | None = None) -> bool:
     """Start the local backend for ``atlas`` in a background thread, loading the model and SAEs at once
     (METASAE_PRELOAD), so the first Live result does not wait for them. Skipped for a remote backend
     (METASAE_BACKEND_URL), a synthetic atlas (no model to load) or METASAE_WARM_BACKEND=0. True if started."""
@@ -808,6 +809,7 @@ def warm_backend(atlas: Atlas, env: dict[str, str] | None = None) -> bool:
     import threading
 
     env = os.environ if env is None else env
+    assert env is not None
     if env.get("METASAE_BACKEND_URL") or env.get(WARM_ENV, "1") == "0" or atlas.manifest.synthetic:
         return False
     # preload only this backend: setting METASAE_PRELOAD in our own environment would reach every backend
@@ -864,7 +866,8 @@ def fresh_stitch(atlas: Atlas, small: int, large: int, result: dict[str, Any]) -
     """Line a backend stitching result up with the atlas's stored values for the large SAE's latents."""
     curve = pd.DataFrame(result.get("curve") or [], columns=["step", "action", "l0", "mse", "ce_loss"])
     n = atlas.n_latents(large)
-    cols = {k: result.get(k) for k in ("kind", "delta_mse", "group_id") if isinstance(result.get(k), list)}
+    cols: dict[str, list[Any]] = {k: v for k in ("kind", "delta_mse", "group_id")
+                                  if isinstance(v := result.get(k), list)}
     fresh = pd.DataFrame({k: v for k, v in cols.items() if len(v) == n})
     fresh.insert(0, "latent", np.arange(n)[: len(fresh)] if len(fresh) else [])
     stored = atlas.latents_table(large, ["latent", "label", "kind", "delta_mse"]).rename(

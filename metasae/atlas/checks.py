@@ -71,7 +71,7 @@ _FINITE_CHUNK = 1 << 22
 
 def _expected_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     d_in, d_sae = cfg.get("d_in"), cfg.get("d_sae")
-    if not (_is_int(d_in) and _is_int(d_sae)):
+    if not (isinstance(d_in, int) and isinstance(d_sae, int) and _is_int(d_in) and _is_int(d_sae)):
         return {}
     return {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,), "threshold": (d_sae,)}
 
@@ -120,7 +120,8 @@ def check_weights(path: str | os.PathLike, cfg: dict[str, Any] | None = None, fi
         return problems
     if 8 + n + end != size:
         return [f"the header describes {8 + n + end} bytes, the file has {size} (truncated or padded)"]
-    expected = _expected_shapes(cfg or {})
+    cfg = cfg or {}
+    expected = _expected_shapes(cfg)
     for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
         if expected and name not in tensors:
             problems.append(f"tensor {name!r} is missing")

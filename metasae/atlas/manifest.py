@@ -51,7 +51,8 @@ class BuildInfo(_Section):
     seed: int | None = None
     preset: str | None = None
     config: dict[str, Any] = Field(default_factory=dict)  # the build's settings, as `build_settings` reads them
-    versions: dict[str, str] = Field(default_factory=dict)
+    versions: dict[str, str] = Field(default_factory=dict)  # package versions (the build's assembly)
+    packages: dict[str, str] = Field(default_factory=dict)  # package versions (synthetic atlases)
     created: str | None = None
 
 
@@ -196,6 +197,7 @@ class SeedBaseline(_Section):
     mismatch_frac: float | None = None
     median_max_cos: float | None = None
     novel_frac_functional: float | None = None
+    seeds: list[int] = Field(default_factory=list)
 
 
 class StitchingInfo(_Section):

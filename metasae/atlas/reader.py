@@ -442,7 +442,7 @@ class Atlas:
         if len(self._meta_ids) == 0:
             return np.full(len(ids), None, dtype=object)
         pos = np.minimum(np.searchsorted(self._meta_ids, ids), len(self._meta_ids) - 1)
-        return np.where(self._meta_ids[pos] == ids, self._meta_label[pos], None)
+        return np.where(self._meta_ids[pos] == ids, self._meta_label[pos], np.array(None, dtype=object))
 
     def latent(self, width: int, latent: int) -> dict[str, Any]:
         """One row of the latents table as a dict; UnknownLatentError for an unknown width or latent."""
@@ -602,7 +602,8 @@ class Atlas:
         if self.lazy and self._pairs is not None:
             return list(self._pairs)
         t = self._columns("stitching", ["small_width", "large_width"])
-        key = np.unique(_latent_key(_np(t["small_width"]), _np(t["large_width"]))) if t.num_rows else []
+        key: Iterable[int] = np.unique(_latent_key(_np(t["small_width"]), _np(t["large_width"]))) \
+            if t.num_rows else []
         pairs = [(int(k >> 32), int(k & 0xFFFFFFFF)) for k in key]
         if self.lazy:  # the file is not held: read its two columns once
             self._pairs = pairs
