@@ -9,6 +9,7 @@ default, so an older atlas still validates. ``to_dict`` writes only what was giv
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -288,6 +289,11 @@ def manifest_problems(raw: Mapping[str, Any]) -> list[str]:
 
 
 def _json_default(obj: Any) -> Any:
+    # a build's settings may be nested dataclasses or pydantic models
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, BaseModel):
+        return obj.model_dump(mode="json")
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):
