@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from metasae.atlas import COS_THRESHOLD
 from metasae.sae import Sae, SaeError
 from metasae.train import TrainConfig, train_sae
 
@@ -212,7 +213,7 @@ class SeedStabilityResult(TypedDict, total=False):
 
 
 @torch.no_grad()
-def seed_stability(metas: list[Sae], decomp: pd.DataFrame, threshold: float = 0.7) -> SeedStabilityResult:
+def seed_stability(metas: list[Sae], decomp: pd.DataFrame, threshold: float = COS_THRESHOLD) -> SeedStabilityResult:
     """How far meta-SAEs of other seeds find the same meta-latents: the share of the first seed's used
     meta-latents with a decoder-cosine partner >= threshold in each other seed (mean over seeds)."""
     if len(metas) < 2:

@@ -23,6 +23,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from tqdm.auto import tqdm
 
+from metasae.atlas import COS_THRESHOLD
 from metasae.sae import Sae, check_pair
 
 
@@ -78,7 +79,7 @@ def check_threshold(threshold: float) -> None:
 
 
 @torch.no_grad()
-def match(small: Sae, large: Sae, threshold: float = 0.7, chunk: int = 4096) -> Match:
+def match(small: Sae, large: Sae, threshold: float = COS_THRESHOLD, chunk: int = 4096) -> Match:
     """Nearest neighbours, novel/reconstruction kinds and swap groups from decoder cosine similarity."""
     check_threshold(threshold)
     check_pair(small, large)

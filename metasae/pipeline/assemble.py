@@ -38,12 +38,27 @@ def stage_assemble(ctx: BuildContext) -> None:
 
     import pandas as pd
 
-    from metasae.atlas import FORMAT_VERSION, MANIFEST, verify, write_manifest, write_table
+    from metasae.atlas import (
+        MANIFEST,
+        BuildInfo,
+        CorpusInfo,
+        Manifest,
+        MetaSaeInfo,
+        ModelInfo,
+        SaeInfo,
+        SeedBaseline,
+        ShowcaseItem,
+        StitchingInfo,
+        StitchPair,
+        load_manifest,
+        verify,
+        write_manifest,
+        write_table,
+    )
 
     cfg, work, out = ctx.cfg, ctx.work, ctx.out
     if (out / MANIFEST).is_file() and not verify(out) and not ctx.force:
-        built_with = (json.loads((out / MANIFEST).read_text()).get("build") or {}).get("config")
-        if built_with_same_settings(built_with, cfg):
+        if built_with_same_settings(load_manifest(out).build.config, cfg):
             ctx.log(f"atlas {out} is already complete")
             return
         ctx.log(f"atlas {out} was built with other settings: replacing it with this build's")
@@ -79,8 +94,8 @@ def stage_assemble(ctx: BuildContext) -> None:
                                             for s in saes], ignore_index=True))
     curves = [pd.read_parquet(work / "stitch" / f"{a.width}_{b.width}" / "stitching.parquet")
               for a, b in zip(saes[:-1], saes[1:], strict=True)]
-    write_table(out, "stitching", pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(
-        columns=["small_width", "large_width", "step", "action", "latent", "group", "l0", "mse", "ce_loss"]))
+    if curves:  # optional: a one-rung ladder has no pairs
+        write_table(out, "stitching", pd.concat(curves, ignore_index=True))
     evals = {r["width"]: r for r in json.loads((work / "evaluate.json").read_text())}
     meta_info = json.loads((work / "meta.json").read_text())
     corpus = json.loads((work / "corpus.json").read_text()) if (work / "corpus.json").is_file() else {}
@@ -93,23 +108,25 @@ def stage_assemble(ctx: BuildContext) -> None:
         with contextlib.suppress(md.PackageNotFoundError):
             versions[pkg] = md.version(pkg)
     lm = ctx.lm
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "model": {"name": lm.name, "source": lm.source, "hook": cfg.hook, "d_model": lm.d_model},
-        "corpus": {"sources": corpus.get("sources", cfg.corpus.sources), "n_tokens": corpus.get("n_tokens"),
-                   "ctx_len": cfg.corpus.ctx_len},
-        "build": {"command": command_for(cfg, out), "seed": cfg.seed,
-                  "preset": cfg.preset, "config": cfg.to_flat(),
-                  "versions": versions, "created": json.loads((work / "started.json").read_text())["created"]},
-        "saes": [{"width": s.width, "path": f"saes/{s.width}", "architecture": s.architecture,
-                  **{k: evals[s.width].get(k) for k in ("l0", "mse", "fvu", "ce_loss", "ce_clean", "ce_delta",
-                                                        "dead_frac", "n_dead", "n_rare", "n_dense", "n_always_on",
-                                                        "always_on_share", "dense_share")},
-                  **_density_counts(lat[lat.sae_width == s.width].density.to_numpy())} for s in saes],
-        "meta_sae": {"path": "meta_sae", **{k: v for k, v in meta_info.items() if k != "showcase"}},
-        "stitching": {"threshold": cfg.stitching.threshold, "pairs": pairs, "seed_baseline": seed_baseline},
-        "showcase": meta_info.get("showcase", []),
-    }
+    sae_fields = ("l0", "mse", "fvu", "ce_loss", "ce_clean", "ce_delta", "dead_frac", "n_dead", "n_rare", "n_dense",
+                  "n_always_on", "always_on_share", "dense_share")
+    manifest = Manifest(
+        model=ModelInfo(name=lm.name, source=lm.source, hook=cfg.hook, d_model=lm.d_model),
+        corpus=CorpusInfo(sources=corpus.get("sources", cfg.corpus.sources), n_tokens=corpus.get("n_tokens"),
+                          ctx_len=cfg.corpus.ctx_len),
+        build=BuildInfo(command=command_for(cfg, out), seed=cfg.seed, preset=cfg.preset, config=cfg.to_flat(),
+                        versions=versions, created=json.loads((work / "started.json").read_text())["created"]),
+        saes=[SaeInfo.model_validate({
+            "width": s.width, "path": f"saes/{s.width}", "architecture": s.architecture,
+            **{k: evals[s.width].get(k) for k in sae_fields},
+            **_density_counts(lat[lat.sae_width == s.width].density.to_numpy())}) for s in saes],
+        meta_sae=MetaSaeInfo.model_validate({"path": "meta_sae",
+                                             **{k: v for k, v in meta_info.items() if k != "showcase"}}),
+        stitching=StitchingInfo(threshold=cfg.stitching.threshold,
+                                pairs=[StitchPair.model_validate(p) for p in pairs],
+                                seed_baseline=SeedBaseline.model_validate(seed_baseline) if seed_baseline else None),
+        showcase=[ShowcaseItem.model_validate(x) for x in meta_info.get("showcase", [])],
+    )
     write_manifest(out, manifest)
     problems = verify(out)
     if problems:

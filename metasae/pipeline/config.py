@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Union
 
+from metasae.atlas import COS_THRESHOLD
+
 if typing.TYPE_CHECKING:
     from metasae.meta import MetaConfig
     from metasae.train import TrainConfig
@@ -117,7 +119,7 @@ class EvaluateConfig:
 class StitchingConfig:
     """Matching neighbouring rungs and measuring ΔMSE / ΔCE."""
 
-    threshold: float = 0.7  # decoder cosine at which a larger latent counts as a smaller one's
+    threshold: float = COS_THRESHOLD  # decoder cosine at which a larger latent counts as a smaller one's
     exact_ce_latents: int = 256  # latents per pair whose ΔCE is computed exactly (attribution for all)
 
     def __post_init__(self) -> None:
