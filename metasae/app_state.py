@@ -1,4 +1,5 @@
-"""Dashboard state without Streamlit: which atlases to open, and URL query parameters parsed and checked.
+"""Dashboard state without Streamlit: which atlases to open, URL query parameters parsed and checked, and which
+backend answers the live pages (found or started, warmed in the background).
 
 The app keeps every selection in the URL (``st.query_params``), so anything a visitor can type there arrives
 here first. Each parser returns a clean value or raises ``BadInput`` with a message fit to show on the page
@@ -10,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -362,3 +364,51 @@ def parse_vector(text: str | None, d_model: int | None) -> list[float]:
     if d_model is not None and len(vals) != d_model:
         raise BadInput(f"The pasted vector has {len(vals)} numbers; this atlas's model has d_model = {d_model}.")
     return vals
+
+
+# --------------------------------------------------------------------------------------------- backend
+
+
+def get_backend(atlas_path: str | None = None, preload: bool = False) -> tuple[Any | None, str | None]:
+    """(backend, None), or (None, why it is unavailable).
+
+    ``metasae.backend.client.get_backend``: METASAE_BACKEND_URL when set, else a local backend subprocess for
+    ``atlas_path`` (started on first need, seconds; ``preload``: it loads the model and SAEs at once). Cache the
+    result.
+    """
+    try:
+        from metasae.backend.client import get_backend as _get
+    except ImportError as e:
+        return None, f"Backend unavailable: the backend client cannot be imported ({e})."
+    try:
+        return _get(atlas_path, preload=preload), None
+    except Exception as e:  # a backend that cannot start or be reached: say why, never a traceback
+        return None, f"Backend unavailable: {e}"
+
+
+WARM_ENV = "METASAE_WARM_BACKEND"  # "0": do not start the local backend when the app starts
+
+
+def warm_backend(atlas: Atlas, env: Mapping[str, str] | None = None) -> bool:
+    """Start the local backend for ``atlas`` in a background thread, loading the model and SAEs at once
+    (METASAE_PRELOAD), so the first Live result does not wait for them. Skipped for a remote backend
+    (METASAE_BACKEND_URL), a synthetic atlas (no model to load) or METASAE_WARM_BACKEND=0. True if started."""
+    env = os.environ if env is None else env
+    if env.get("METASAE_BACKEND_URL") or env.get(WARM_ENV, "1") == "0" or atlas.manifest.synthetic:
+        return False
+    # preload only this backend: setting METASAE_PRELOAD in our own environment would reach every backend
+    # started later by this process (tests start many)
+    threading.Thread(target=get_backend, args=(str(atlas.path),), kwargs={"preload": True},
+                     name="metasae-warm-backend", daemon=True).start()
+    return True
+
+
+def backend_problem(health: dict[str, Any], atlas: Atlas) -> str | None:
+    """Why a backend's answers would not fit this atlas (another model, or it failed to open its atlas)."""
+    if health.get("status") == "error" or health.get("atlas_error"):
+        return f"The backend cannot serve its atlas: {health.get('atlas_error') or 'error'}"
+    model = health.get("model")
+    if model and atlas.model_name and model != atlas.model_name:
+        return (f"The backend serves an atlas of model {model!r}, this one is of {atlas.model_name!r}: its "
+                "answers would not match this atlas. Point METASAE_BACKEND_URL at a backend for this atlas.")
+    return None

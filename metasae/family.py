@@ -29,9 +29,9 @@ def unit_rows(W: np.ndarray) -> np.ndarray:
 
 def unit_decoder(atlas: Atlas, width: int) -> np.ndarray:
     """Unit decoder rows (width, d_model) of one SAE of the atlas, loaded once per process."""
-    from metasae.views import load_decoder
+    from metasae.weights import load_decoder
 
-    digest = str((atlas.manifest.get("files") or {}).get(f"saes/{width}/sae_weights.safetensors", ""))
+    digest = str(atlas.manifest.files.get(f"saes/{width}/sae_weights.safetensors", ""))
     key = (str(atlas.path), int(width), digest)
     with _LOCK:
         hit = _CACHE.get(key)
@@ -48,9 +48,9 @@ def unit_decoder(atlas: Atlas, width: int) -> np.ndarray:
 
 def meta_decoder(atlas: Atlas) -> np.ndarray:
     """The meta-SAE's decoder rows (n_meta, d_model), loaded once per process."""
-    from metasae.views import load_meta_sae
+    from metasae.weights import load_meta_sae
 
-    digest = str((atlas.manifest.get("files") or {}).get("meta_sae/sae_weights.safetensors", ""))
+    digest = str(atlas.manifest.files.get("meta_sae/sae_weights.safetensors", ""))
     key = (str(atlas.path), -1, digest)
     with _LOCK:
         hit = _CACHE.get(key)

@@ -9,8 +9,10 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from metasae.views import KIND_COLORS, RadialGraph, show_token
+from metasae.views.latent import RadialGraph
+from metasae.views.text import show_token
 
+KIND_COLORS = {"novel": "#e4572e", "reconstruction": "#4c78a8", None: "#9e9e9e"}
 ACTION_COLORS = {"start": "#333333", "add": KIND_COLORS["novel"], "swap": KIND_COLORS["reconstruction"],
                  "remove": "#8e44ad", "bias": "#7f8c8d"}
 _LAYOUT = dict(margin=dict(l=10, r=10, t=40, b=10), template="plotly_white", height=360)

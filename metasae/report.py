@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 import plotly.graph_objects as go
 
-from metasae import plots, views
+from metasae import plots
 from metasae.atlas import (
     COS_THRESHOLD,
     Atlas,
@@ -29,6 +29,7 @@ from metasae.atlas import (
     SeedStability,
     StitchPair,
 )
+from metasae.views import overview, stitching
 
 PAPER = {"novel_frac": "~35% (GPT-2, 768..98304)", "meta_var_explained": "roughly half (49152 rows, 2304 meta)",
          "overlap": "28.92% (meta co-membership vs edges to the 3072 SAE)", "terms": "4 (BatchTopK k=4)"}
@@ -74,7 +75,7 @@ def ladder_health(atlas: Atlas) -> pd.DataFrame:
 
 def pair_detail(atlas: Atlas, small: int, large: int) -> dict[str, float]:
     """Novel fraction among live latents only, and exact-vs-attribution ΔCE agreement split by effect size."""
-    t = views.stitching_table(atlas, small, large)  # holds the large SAE's density column
+    t = stitching.stitching_table(atlas, small, large)  # holds the large SAE's density column
     live = t[t["density"].to_numpy(dtype=float) >= LIVE_DENSITY]
     out = {"live_frac": len(live) / max(len(t), 1),
            "novel_live": float((live["kind"] == "novel").mean()) if len(live) else float("nan")}
@@ -198,13 +199,13 @@ def write_report(atlas_path: str | Path, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     fig_dir = out_dir / "figures"
     m = atlas.manifest
-    facts = views.overview_facts(atlas)
-    pairs = views.pair_summaries(atlas)
-    ladder = views.ladder_table(atlas)
-    curves = views.curves(atlas)
+    facts = overview.overview_facts(atlas)
+    pairs = overview.pair_summaries(atlas)
+    ladder = overview.ladder_table(atlas)
+    curves = overview.curves(atlas)
     f_ladder = _png(plots.ladder_figure(ladder, curves), fig_dir / "mse_vs_l0.png")
     f_novel = _png(plots.novel_fraction_figure(pairs), fig_dir / "novel_fraction.png", height=380)
-    f_cos = _png(plots.max_cos_figure(views.max_cos(atlas), facts["threshold"]), fig_dir / "max_cos.png")
+    f_cos = _png(plots.max_cos_figure(overview.max_cos(atlas), facts["threshold"]), fig_dir / "max_cos.png")
     f_train = _png(training_curves(Path(atlas_path), atlas.widths), fig_dir / "training_fvu.png", height=380)
     largest = atlas.widths[-1]
     f_terms = _png(meta_terms_figure(atlas, largest), fig_dir / "meta_terms.png", height=350)

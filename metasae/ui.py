@@ -1,7 +1,7 @@
 """Streamlit glue shared by the pages: the opened atlas, URL-bound widgets, links and error display.
 
-Kept small on purpose: what a page shows is computed in ``metasae.views`` and drawn by ``metasae.plots``;
-this module only moves values between the URL (``st.query_params``), widgets and those functions.
+Kept small on purpose: what a page shows is computed in ``metasae.views`` (a module per page) and drawn by
+``metasae.plots``; this module only moves values between the URL (``st.query_params``), widgets and those functions.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from metasae import app_state, views
+from metasae import app_state, weights
 from metasae.app_state import AtlasSource, BadInput
 from metasae.atlas import Atlas, AtlasError, UnknownLatentError
+from metasae.views import render
+from metasae.views.text import latent_name, show_token
 
 PAGES = {
     "overview": "pages/overview.py", "latent": "pages/latent.py", "meta_latent": "pages/meta_latent.py",
@@ -87,12 +89,12 @@ def search_index(key: str, _atlas: Atlas) -> Any:
 
 @st.cache_resource(show_spinner="Loading the meta-SAE …", max_entries=8)
 def meta_sae(key: str, _atlas: Atlas) -> Any:
-    return views.load_meta_sae(_atlas)
+    return weights.load_meta_sae(_atlas)
 
 
 @st.cache_resource(show_spinner="Loading SAE decoder …", max_entries=16)
 def decoder(key: str, width: int, _atlas: Atlas) -> Any:
-    return views.load_decoder(_atlas, width)
+    return weights.load_decoder(_atlas, width)
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
@@ -104,7 +106,7 @@ def densities(key: str, width: int, _atlas: Atlas) -> pd.Series:
 
 @st.cache_resource(show_spinner="Starting / connecting to the metasae backend …", ttl=300, max_entries=4)
 def _backend(key: str) -> tuple[Any, str | None]:
-    return views.get_backend(key or None)
+    return app_state.get_backend(key or None)
 
 
 def backend(ctx: Context) -> tuple[Any, str | None]:
@@ -114,7 +116,7 @@ def backend(ctx: Context) -> tuple[Any, str | None]:
         _backend.clear()  # do not remember a failure: the backend may come up later
         return None, why
     try:
-        problem = views.backend_problem(b.health(), ctx.atlas) if ctx.atlas is not None else None
+        problem = app_state.backend_problem(b.health(), ctx.atlas) if ctx.atlas is not None else None
     except Exception as e:  # it died since: forget it, say so
         _backend.clear()
         return None, f"Backend unavailable: {e}"
@@ -130,7 +132,7 @@ def activations(key: str, text: str, width: int, top_k: int, _backend: Any) -> d
 @st.cache_resource(show_spinner=False, max_entries=8)
 def warm_backend(key: str, _atlas: Atlas) -> bool:
     """Once per atlas and server process: start the local backend and its model loading in the background."""
-    return views.warm_backend(_atlas)
+    return app_state.warm_backend(_atlas)
 
 
 def atlas_key(ctx: Context) -> str:
@@ -268,12 +270,12 @@ def page_link(page: str, label: str, params: dict[str, Any] | None = None, icon:
 
 
 def latent_link(width: int, latent: int, label: Any = None, extra: str = "") -> None:
-    page_link("latent", views.latent_name(width, latent, label) + extra,
+    page_link("latent", latent_name(width, latent, label) + extra,
               {"width": int(width), "latent": int(latent)})
 
 
 def meta_link(m: int, label: Any = None, extra: str = "") -> None:
-    page_link("meta_latent", f"meta-latent {int(m)}" + (f" · {views.show_token(label)}" if label else "") + extra,
+    page_link("meta_latent", f"meta-latent {int(m)}" + (f" · {show_token(label)}" if label else "") + extra,
               {"meta": int(m)})
 
 
@@ -296,17 +298,17 @@ DELTA_COLUMNS = {c: st.column_config.NumberColumn(name, format="%.2e") for c, na
 
 def table(df: pd.DataFrame, name: str, column_config: dict[str, Any] | None = None, **kw: Any) -> None:
     """A table with CSV and Parquet downloads of exactly what it shows (missing values drawn as —)."""
-    st.dataframe(views.styled(df, column_config), hide_index=True, column_config=column_config, **kw)
+    st.dataframe(render.styled(df, column_config), hide_index=True, column_config=column_config, **kw)
     c1, c2, _ = st.columns([1, 1.4, 6])
-    c1.download_button("CSV", data=lambda: views.to_csv(df), file_name=f"{name}.csv", mime="text/csv",
+    c1.download_button("CSV", data=lambda: render.to_csv(df), file_name=f"{name}.csv", mime="text/csv",
                        key=f"dl-csv-{name}", on_click="ignore", icon=":material/download:")
-    c2.download_button("Parquet", data=lambda: views.to_parquet(df), file_name=f"{name}.parquet",
+    c2.download_button("Parquet", data=lambda: render.to_parquet(df), file_name=f"{name}.parquet",
                        mime="application/vnd.apache.parquet", key=f"dl-pq-{name}", on_click="ignore",
                        icon=":material/download:")
 
 
 def chips(tokens: list[Any] | None, limit: int = 10) -> None:
-    st.markdown(views.token_chips(tokens, limit), unsafe_allow_html=True)
+    st.markdown(render.token_chips(tokens, limit), unsafe_allow_html=True)
 
 
 def show_error(e: BaseException) -> None:

@@ -5,7 +5,10 @@ import json
 
 import streamlit as st
 
-from metasae import app_state, intervene, ui, views
+from metasae import app_state, intervene, ui
+from metasae.views.latent import latent_view
+from metasae.views.meta_latent import meta_label
+from metasae.views.text import show_token
 
 ctx, atlas = ui.require_atlas()
 st.title("Intervention lab")
@@ -17,7 +20,7 @@ width, latent, url_error = ui.latent_picker(atlas, "iv")
 if url_error:
     st.error(url_error)
     st.stop()
-view = views.latent_view(atlas, width, latent)
+view = latent_view(atlas, width, latent)
 ui.latent_link(width, latent, view.row.get("label"), extra="  ← back to the latent page")
 dec = view.decomposition
 metas = [int(m) for m in dec["meta_latent"]] if not dec.empty else []
@@ -74,13 +77,13 @@ else:
     for i, r in enumerate(dec.itertuples(index=False)):
         with cols[i % len(cols)]:
             ui.bind(f"iv_s{int(r.meta_latent)}", float(scales.get(int(r.meta_latent), 1.0)))
-            st.slider(f"meta {int(r.meta_latent)} · {views.show_token(r.label)} (weight {r.weight:.3f})",
+            st.slider(f"meta {int(r.meta_latent)} · {show_token(r.label)} (weight {r.weight:.3f})",
                       min_value=-1.0, max_value=2.0, step=0.1, key=f"iv_s{int(r.meta_latent)}",
                       on_change=scales_to_url, help="factor on this meta-latent's weight in the latent: 0 removes "
                                                      "it, 1 keeps it, 2 doubles it")
     ui.bind("iv_rm", remove)
     st.selectbox("Side by side with ablating the whole latent: remove one meta-latent", metas, key="iv_rm",
-                 format_func=lambda m: f"meta {m} · {views.meta_label(atlas, m)}",
+                 format_func=lambda m: f"meta {m} · {meta_label(atlas, m)}",
                  on_change=ui.to_url("iv_rm", "rm", encode=int))
 
 
@@ -114,7 +117,7 @@ with ui.guard():
                                  strict=True):
         with col:
             st.markdown(f"**{name}**" + (f" · KL {part['kl']:.3g}" if "kl" in part else ""))
-            st.dataframe([{"token": views.show_token(t["token"]), "prob": round(t["prob"], 4)} for t in part["top"]],
+            st.dataframe([{"token": show_token(t["token"]), "prob": round(t["prob"], 4)} for t in part["top"]],
                          hide_index=True)
             if part.get("continuation") is not None:
-                st.caption("continues: " + views.show_token(part["continuation"]))
+                st.caption("continues: " + show_token(part["continuation"]))

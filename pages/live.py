@@ -4,7 +4,21 @@ fire on typed text (through the backend, which runs the language model)."""
 import numpy as np
 import streamlit as st
 
-from metasae import app_state, plots, ui, views
+from metasae import app_state, plots, ui
+from metasae.views.badges import DENSE
+from metasae.views.live import (
+    LIVE_TOP_K,
+    activations_table,
+    compare,
+    compose,
+    encode_live,
+    expected_decomposition,
+    latent_over_text,
+    live_top,
+    load_progress,
+)
+from metasae.views.render import example_html
+from metasae.views.text import show_token
 
 ctx, atlas = ui.require_atlas()
 st.title("Live")
@@ -34,8 +48,8 @@ with ui.guard():
                       on_change=ui.to_url("lv_expr", "expr", default=""))
         terms = app_state.parse_direction(expr, atlas)
         decs = {w: ui.decoder(ui.atlas_key(ctx), w, atlas) for w in {t.width for t in terms}}
-        vector = views.compose(terms, decs)
-        stored, stored_name = views.expected_decomposition(atlas, terms), "sum of the terms' stored decompositions"
+        vector = compose(terms, decs)
+        stored, stored_name = expected_decomposition(atlas, terms), "sum of the terms' stored decompositions"
     else:
         vec_text = ui.param("vec") or ""
         ui.bind("lv_vec", vec_text)
@@ -43,13 +57,13 @@ with ui.guard():
                      on_change=ui.to_url("lv_vec", "vec", default=""))
         vector = np.asarray(app_state.parse_vector(vec_text, d_model), dtype=np.float32)
 
-    live = views.encode_live(atlas, ui.meta_sae(ui.atlas_key(ctx), atlas), vector)
+    live = encode_live(atlas, ui.meta_sae(ui.atlas_key(ctx), atlas), vector)
     st.caption(f"‖vector‖ = {float(np.linalg.norm(vector)):.4g} · the meta-SAE gives {len(live)} meta-latents")
     if stored is not None:
         if atlas.manifest.synthetic:
             st.info("A synthetic atlas: its stored decompositions were planted, not computed by its (random) "
                     "meta-SAE, so the two disagree here. On a built atlas they agree up to float precision.")
-        cmp = views.compare(stored, live)
+        cmp = compare(stored, live)
         st.plotly_chart(plots.compare_figure(cmp, stored_name, "computed now"), key="cmp")
         ui.table(cmp, "live_meta_compare", column_config={
             c: st.column_config.NumberColumn(c, format="%.4f") for c in ("stored", "live", "difference")})
@@ -88,10 +102,10 @@ f1.segmented_control("Show", list(MODES), key="lv_tmode", format_func=MODES.get,
                      on_change=ui.to_url("lv_tmode", "tmode", default="top"))
 try:
     dense_max = app_state.parse_float(ui.param("dmax"), "Dense threshold")
-    dense_max = views.DENSE if dense_max is None else min(max(dense_max, 0.0), 1.0)
+    dense_max = DENSE if dense_max is None else min(max(dense_max, 0.0), 1.0)
 except app_state.BadInput as e:
     st.error(str(e))
-    dense_max = views.DENSE
+    dense_max = DENSE
 show_dense, show_first = ui.param("dense") == "1", ui.param("first") == "1"
 if tmode == "top":
     ui.bind("lv_hide_dense", not show_dense)
@@ -105,7 +119,7 @@ if tmode == "top":
     ui.bind("lv_dmax", float(dense_max))
     f3.number_input("Dense: density above", min_value=0.0, max_value=1.0, step=0.05, key="lv_dmax",
                     disabled=show_dense, on_change=ui.to_url("lv_dmax", "dmax", encode=lambda v: f"{v:g}",
-                                                            default=views.DENSE))
+                                                            default=DENSE))
 else:
     try:
         one = app_state.parse_int(ui.param("tl"), "Latent")
@@ -123,7 +137,7 @@ else:
 def loading(backend) -> None:
     """Real progress while the backend loads; one full rerun once the model is in."""
     try:
-        progress = views.load_progress(backend.health(), atlas.widths)
+        progress = load_progress(backend.health(), atlas.widths)
     except Exception as e:  # it died meanwhile: the next run says so
         ui.show_error(e)
         return
@@ -136,29 +150,29 @@ if text.strip():
     backend, why = ui.backend(ctx)
     if backend is None:
         st.warning(why)
-    elif views.load_progress(backend.health(), atlas.widths) is not None:
+    elif load_progress(backend.health(), atlas.widths) is not None:
         loading(backend)
     else:
         with ui.guard():
-            result = ui.activations(ui.atlas_key(ctx), text, int(twidth), views.LIVE_TOP_K, backend)
+            result = ui.activations(ui.atlas_key(ctx), text, int(twidth), LIVE_TOP_K, backend)
             if tmode == "top":
-                acts = views.activations_table(result, ui.densities(ui.atlas_key(ctx), int(twidth), atlas))
-                shown = views.live_top(acts, None if show_dense else dense_max, not show_first)
+                acts = activations_table(result, ui.densities(ui.atlas_key(ctx), int(twidth), atlas))
+                shown = live_top(acts, None if show_dense else dense_max, not show_first)
                 if shown.hidden:
                     st.caption(shown.hidden + " Use the toggles above to show them.")
                 st.plotly_chart(plots.token_latent_heatmap(shown.table), key="heat")
                 ui.table(ui.with_links(shown.table.assign(sae_width=int(twidth))).drop(columns=["sae_width"]),
                          "live_tokens", column_config=ui.LINK_COLUMN)
             else:
-                over = views.latent_over_text(result, one)
+                over = latent_over_text(result, one)
                 peak = float(over["activation"].max()) if len(over) else 0.0
                 n_on = int((over["activation"] > 0).sum())
                 st.markdown(f"Latent **{twidth}/{one}** fires on **{n_on}** of {len(over)} tokens"
                             + (f" (peak {peak:.3g})." if n_on else "."))
-                st.markdown(views.example_html(list(over["token"]), list(over["activation"]), None, peak or None),
+                st.markdown(example_html(list(over["token"]), list(over["activation"]), None, peak or None),
                             unsafe_allow_html=True)
-                st.caption(f"Activations among each token's {views.LIVE_TOP_K} strongest latents (all of them for "
-                           f"an SAE with fewer than {views.LIVE_TOP_K} active per token).")
-                ui.table(over.assign(token=over["token"].map(views.show_token)), "latent_over_text")
+                st.caption(f"Activations among each token's {LIVE_TOP_K} strongest latents (all of them for "
+                           f"an SAE with fewer than {LIVE_TOP_K} active per token).")
+                ui.table(over.assign(token=over["token"].map(show_token)), "latent_over_text")
 else:
     st.info("Type some text to see the top latents of each token.")

@@ -2,7 +2,10 @@
 
 import streamlit as st
 
-from metasae import app_state, plots, ui, views
+from metasae import app_state, plots, ui
+from metasae.views.badges import with_badges
+from metasae.views.meta_latent import meta_options, meta_view
+from metasae.views.text import fmt, show_token
 
 ctx, atlas = ui.require_atlas()
 
@@ -13,7 +16,7 @@ except app_state.BadInput as e:
     meta, url_error = app_state.resolve_meta(atlas, None), str(e)
 
 st.title(f"Meta-latent {meta}" if not url_error else "Meta-latent")
-options = views.meta_options(atlas)
+options = meta_options(atlas)
 names = dict(options)
 ui.bind("pick_meta", meta)
 st.selectbox("Meta-latent", [m for m, _ in options], key="pick_meta", format_func=lambda m: names.get(m, str(m)),
@@ -22,12 +25,12 @@ if url_error:
     st.error(url_error)
     st.stop()
 
-view = views.meta_view(atlas, meta)
+view = meta_view(atlas, meta)
 st.markdown(f"### {view.label or '(no label)'}")
 m = st.columns(4)
-m[0].metric("Member latents", views.fmt(len(view.members)), help="latents of any width whose decomposition holds it")
-m[1].metric("Density", views.fmt(view.row.get("density"), 3), help="fraction of all latents that hold it")
-m[2].metric("Mean member weight", views.fmt(float(view.members["weight"].mean()) if len(view.members) else None, 3))
+m[0].metric("Member latents", fmt(len(view.members)), help="latents of any width whose decomposition holds it")
+m[1].metric("Density", fmt(view.row.get("density"), 3), help="fraction of all latents that hold it")
+m[2].metric("Mean member weight", fmt(float(view.members["weight"].mean()) if len(view.members) else None, 3))
 m[3].metric("Widths with members", f"{int((view.per_width['members'] > 0).sum())} / {len(atlas.widths)}")
 
 left, right = st.columns(2)
@@ -61,7 +64,7 @@ with ui.guard():  # issue 12.3: the meta-latent's direction against every decode
         n1, n2 = st.columns([1, 2])
         n1.plotly_chart(family.per_width_figure(near), key="near_per_width")
         with n2:
-            ui.table(ui.with_links(views.with_badges(near.assign(label=near["label"].map(views.show_token)))),
+            ui.table(ui.with_links(with_badges(near.assign(label=near["label"].map(show_token)))),
                      f"meta_{meta}_nearest", column_config={
                          **ui.LINK_COLUMN, "cos": st.column_config.NumberColumn("cos", format="%.3f")})
 
@@ -74,8 +77,8 @@ with ui.guard():
     members = view.members if not widths else view.members[view.members["sae_width"].isin(widths)]
     for r in members.head(8).itertuples(index=False):
         ui.latent_link(r.sae_width, r.latent, r.label, extra=f"  (weight {r.weight:.3f})")
-    table = ui.with_links(views.with_badges(members.head(2000).assign(
-        label=members.head(2000)["label"].map(views.show_token))))
+    table = ui.with_links(with_badges(members.head(2000).assign(
+        label=members.head(2000)["label"].map(show_token))))
     ui.table(table, f"meta_{meta}_members", column_config={
         **ui.LINK_COLUMN, "weight": st.column_config.NumberColumn("weight", format="%.4f")})
     if len(members) > 2000:

@@ -2,11 +2,24 @@
 
 import streamlit as st
 
-from metasae import plots, ui, views
+from metasae import plots, ui
+from metasae.views.badges import DENSE, RARE
+from metasae.views.overview import (
+    curves,
+    findings,
+    ladder_table,
+    latent_counts,
+    max_cos,
+    overview_facts,
+    pair_summaries,
+    paper_notes,
+    showcase,
+)
+from metasae.views.text import fmt, latent_name, number
 
 ctx, atlas = ui.require_atlas()
-facts = views.overview_facts(atlas)
-found = views.findings(atlas)
+facts = overview_facts(atlas)
+found = findings(atlas)
 
 st.title("Are SAE latents canonical units?")
 st.caption(f"Atlas `{ctx.source.title if ctx.source else atlas.path}` · {atlas.path}")
@@ -17,17 +30,17 @@ st.markdown(
     f"Model **{facts['model'] or '?'}**" + (f" (`{facts['model_source']}`)" if facts["model_source"] else "")
     + f" · hook `{facts['hook'] or '?'}` · d_model {facts['d_model'] or '?'} · corpus: {facts['corpus'] or '?'}")
 cols = st.columns(5)
-cols[0].metric("Corpus tokens", views.fmt(facts["n_tokens"]))
+cols[0].metric("Corpus tokens", fmt(facts["n_tokens"]))
 cols[1].metric("SAE widths", len(facts["widths"]), help=", ".join(map(str, facts["widths"])))
-cols[2].metric("Latents", views.fmt(facts["n_latents"]), help="over all widths")
-cols[3].metric("Meta-latents", views.fmt(facts["meta_width"]), help=f"k = {facts['meta_k']}")
+cols[2].metric("Latents", fmt(facts["n_latents"]), help="over all widths")
+cols[3].metric("Meta-latents", fmt(facts["meta_width"]), help=f"k = {facts['meta_k']}")
 explained = found["meta_heldout_explained"] if found["meta_heldout_explained"] is not None else found["meta_var_explained"]
 cols[4].metric("Meta-SAE explains", "—" if explained is None else f"{explained:.0%}",
                help=("variance of held-out decoder rows" if found["meta_heldout_explained"] is not None else
                      "variance of the decoder rows") + " the meta-SAE explains, 1 − FVU (paper: about half)")
 
-notes = views.paper_notes(atlas)
-example = views.showcase(atlas, "person") or views.showcase(atlas)
+notes = paper_notes(atlas)
+example = showcase(atlas, "person") or showcase(atlas)
 
 
 def note(key: str) -> None:
@@ -53,7 +66,7 @@ with left, st.container(border=True):
         f"Each larger SAE of the ladder holds **novel** latents: {head}. "
         + (f"Same-width baseline: two seeds of width {base.width} leave "
            f"**{base.mismatch_frac:.0%}** of live latents unmatched. "
-           if base is not None and views.number(base.mismatch_frac) is not None else "")
+           if base is not None and number(base.mismatch_frac) is not None else "")
         + "The rest are **reconstruction** latents that re-cut old ones. Adding the novel latents and swapping the "
           "groups one at a time walks from the small SAE to the large one (the paths on the MSE-vs-L0 plane "
           "below): there is no single right width, so no canonical set of units.")
@@ -65,7 +78,7 @@ with right, st.container(border=True):
     ve, terms = found["meta_var_explained"], found["meta_terms"]
     held = found["meta_heldout_explained"]
     st.markdown(
-        f"A meta-SAE with {views.fmt(found['meta_width'])} meta-latents (k = {found['meta_k']}) is trained on "
+        f"A meta-SAE with {fmt(found['meta_width'])} meta-latents (k = {found['meta_k']}) is trained on "
         f"the decoder rows of the SAEs. "
         + (f"It explains **{held:.0%}** of the variance of held-out rows"
            + (f" ({found['meta_train_explained']:.0%} of its training rows)"
@@ -82,13 +95,13 @@ with right, st.container(border=True):
     note("meta")
     note("overlap")
     if example:
-        ui.page_link("latent", f"Open {views.latent_name(example.width, example.latent, example.label)}"
+        ui.page_link("latent", f"Open {latent_name(example.width, example.latent, example.label)}"
                      " and its decomposition", {"width": example.width, "latent": example.latent},
                      icon=":material/scatter_plot:", help=example.why)
 
 st.subheader("The ladder")
 with ui.guard():
-    ladder = views.ladder_table(atlas)
+    ladder = ladder_table(atlas)
     ui.table(ladder, "ladder", column_config={
         "width": st.column_config.NumberColumn("width", format="%d"),
         "latents": st.column_config.NumberColumn("latents", format="%d"),
@@ -99,22 +112,22 @@ with ui.guard():
         "ce_delta": st.column_config.NumberColumn("ΔCE", format="%.4g",
                                                   help="CE loss with the SAE spliced in minus the clean loss"),
     })
-    st.plotly_chart(plots.ladder_figure(ladder, views.curves(atlas)), key="ladder")
+    st.plotly_chart(plots.ladder_figure(ladder, curves(atlas)), key="ladder")
 
 st.subheader("Dead, rare and dense latents")
 with ui.guard():
-    st.caption(f"Dead: never fired on the statistics tokens · rare: density below {views.RARE:g} · dense: density "
-               f"above {views.DENSE:g} · always-on share: the share of active slots taken by latents firing on more "
+    st.caption(f"Dead: never fired on the statistics tokens · rare: density below {RARE:g} · dense: density "
+               f"above {DENSE:g} · always-on share: the share of active slots taken by latents firing on more "
                "than half of all tokens. Pages mark dead and dense latents with a badge.")
-    ui.table(views.latent_counts(atlas), "latent_counts", column_config={
+    ui.table(latent_counts(atlas), "latent_counts", column_config={
         "width": st.column_config.NumberColumn("width", format="%d"),
         "always_on_share": st.column_config.NumberColumn("always-on share", format="%.3f")})
 
 c1, c2 = st.columns(2)
 with c1, ui.guard():
-    st.plotly_chart(plots.novel_fraction_figure(views.pair_summaries(atlas),
-                                                seed_mismatch=views.number(found["seed_baseline"].mismatch_frac
+    st.plotly_chart(plots.novel_fraction_figure(pair_summaries(atlas),
+                                                seed_mismatch=number(found["seed_baseline"].mismatch_frac
                                                                          if found["seed_baseline"] else None)),
                     key="novel")
 with c2, ui.guard():
-    st.plotly_chart(plots.max_cos_figure(views.max_cos(atlas), float(found["threshold"])), key="maxcos")
+    st.plotly_chart(plots.max_cos_figure(max_cos(atlas), float(found["threshold"])), key="maxcos")

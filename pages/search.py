@@ -2,7 +2,11 @@
 
 import streamlit as st
 
-from metasae import app_state, ui, views
+from metasae import app_state, ui
+from metasae.views.badges import with_badges
+from metasae.views.meta_latent import meta_options
+from metasae.views.search import decomp_search, meta_search, text_search
+from metasae.views.text import show_token
 
 ctx, atlas = ui.require_atlas()
 st.title("Search latents")
@@ -57,7 +61,7 @@ elif mode == "decomp":
                          step=0.05 if key == "s_fvu" else 1, placeholder="—",
                          on_change=ui.to_url(key, name, encode=lambda v: f"{v:g}"))
 else:
-    options = views.meta_options(atlas)
+    options = meta_options(atlas)
     names = dict(options)
     metas = [m for m in (url(app_state.parse_int_list, "metas", "Meta-latent") or []) if m in names]
     minw = url(app_state.parse_float, "minw", "Minimum weight")
@@ -105,14 +109,14 @@ results = None
 with ui.guard():
     index = ui.search_index(ui.atlas_key(ctx), atlas)
     if mode == "text":
-        out = views.text_search(index, q, widths=widths, kind=None if kind == "any" else kind,
+        out = text_search(index, q, widths=widths, kind=None if kind == "any" else kind,
                                 min_density=bounds["dmin"], max_density=bounds["dmax"],
                                 min_delta_mse=bounds["emin"], max_delta_mse=bounds["emax"], limit=limit)
     elif mode == "decomp":
-        out = views.decomp_search(index, order, widths=widths, max_fvu=max_fvu, min_terms=tmin, max_terms=tmax,
+        out = decomp_search(index, order, widths=widths, max_fvu=max_fvu, min_terms=tmin, max_terms=tmax,
                                   limit=limit)
     else:
-        out = views.meta_search(index, metas, minw, widths=widths, limit=limit)
+        out = meta_search(index, metas, minw, widths=widths, limit=limit)
     if out.warning:
         st.warning(out.warning)
     if out.message:
@@ -135,7 +139,7 @@ if results is not None and len(results):
                                           f"{r.decomp_terms:.0f} meta-latents)" if mode == "decomp"
                                           else f"summed weight {r.score:.3f}")
         ui.latent_link(r.sae_width, r.latent, r.label, extra=f"  — {how}")
-    table = ui.with_links(views.with_badges(shown.assign(label=shown["label"].map(views.show_token))))
+    table = ui.with_links(with_badges(shown.assign(label=shown["label"].map(show_token))))
     ui.table(table, f"search_page{page}", column_config={
         **ui.LINK_COLUMN, **ui.DELTA_COLUMNS, "score": st.column_config.NumberColumn("score", format="%.3f"),
         "decomp_fvu": st.column_config.NumberColumn("meta-SAE FVU", format="%.3f"),

@@ -3,7 +3,10 @@ their ΔMSE / ΔCE and swap groups, and a fresh evaluation through the backend."
 
 import streamlit as st
 
-from metasae import app_state, plots, ui, views
+from metasae import app_state, plots, ui
+from metasae.views.badges import with_badges
+from metasae.views.stitching import fresh_differences, fresh_stitch, pair_summary, stitching_table
+from metasae.views.text import fmt
 
 ctx, atlas = ui.require_atlas()
 st.title("SAE stitching")
@@ -26,15 +29,15 @@ if url_error:
     st.error(url_error)
     st.stop()
 
-summary = views.pair_summary(atlas, small, large)
+summary = pair_summary(atlas, small, large)
 m = st.columns(5)
 m[0].metric("Novel latents", f"{summary['novel_frac']:.0%}" if plots.finite(summary.get("novel_frac")) else "—",
             help=f"of the {large} latents, max cosine with any {small} latent below the threshold")
-m[1].metric("Swap groups", views.fmt(summary.get("n_groups")))
-m[2].metric("Steps: add / swap / remove", " / ".join(views.fmt(summary.get(k)) for k in ("n_add", "n_swap", "n_remove")))
-m[3].metric("ΔCE attribution vs exact", views.fmt(summary.get("attr_spearman"), 3),
+m[1].metric("Swap groups", fmt(summary.get("n_groups")))
+m[2].metric("Steps: add / swap / remove", " / ".join(fmt(summary.get(k)) for k in ("n_add", "n_swap", "n_remove")))
+m[3].metric("ΔCE attribution vs exact", fmt(summary.get("attr_spearman"), 3),
             help="Spearman rank correlation of the attribution estimate with exact ablation ΔCE")
-m[4].metric("Cosine threshold", views.fmt(atlas.manifest.stitching.threshold, 3))
+m[4].metric("Cosine threshold", fmt(atlas.manifest.stitching.threshold, 3))
 
 curve = atlas.stitching_curve(small, large)  # empty without the (optional) stitching table
 if not atlas.has_table("stitching"):  # the latents' kinds and deltas below still hold
@@ -53,7 +56,7 @@ with ui.guard():
     ui.bind("st_kind", kind)
     st.segmented_control("Kind", kinds, key="st_kind", required=True, on_change=ui.to_url("st_kind", "kind",
                                                                                           default="all"))
-    table = views.with_badges(views.stitching_table(atlas, small, large, None if kind == "all" else kind))
+    table = with_badges(stitching_table(atlas, small, large, None if kind == "all" else kind))
     t1, t2 = st.columns(2)
     with t1:
         st.plotly_chart(plots.delta_scatter(table), key="dscatter")
@@ -156,12 +159,12 @@ if done:
             st.error(f"The evaluation {done.get('status')}: {done.get('message', '')}")
         else:
             result = done.get("result") or {}
-            fresh = views.fresh_stitch(atlas, small, large, result)
-            st.success(f"Fresh evaluation on {views.fmt(fresh.n_tokens)} tokens: ΔMSE rank correlation with the "
-                       f"atlas {views.fmt(fresh.rank_corr, 3)}, same kind for "
+            fresh = fresh_stitch(atlas, small, large, result)
+            st.success(f"Fresh evaluation on {fmt(fresh.n_tokens)} tokens: ΔMSE rank correlation with the "
+                       f"atlas {fmt(fresh.rank_corr, 3)}, same kind for "
                        + (f"{fresh.kind_agreement:.0%}" if fresh.kind_agreement is not None else "—")
                        + " of the latents.")
-            for line in views.fresh_differences(atlas, small, large, result, req):
+            for line in fresh_differences(atlas, small, large, result, req):
                 st.caption(line)
             st.plotly_chart(plots.fresh_curve_figure(curve, fresh.curve, small, large), key="fresh")
             ui.table(ui.with_links(fresh.latents.assign(sae_width=large)).drop(columns=["sae_width"]),

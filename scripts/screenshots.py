@@ -69,8 +69,8 @@ def pick_latent(atlas: Atlas) -> tuple[int, int]:
 
 def pick_query(atlas: Atlas, width: int, latent: int) -> tuple[str, int]:
     """A word of the latent's top tokens (then of its label) that the text search finds: (query, n results)."""
-    from metasae import views
     from metasae.search import SearchIndex
+    from metasae.views.search import text_search
 
     row = atlas.latent(width, latent)
     raw = [str(x).replace("\u0120", " ").replace("\u2581", " ").strip() for x in row.get("top_tokens") or []]
@@ -79,7 +79,7 @@ def pick_query(atlas: Atlas, width: int, latent: int) -> tuple[str, int]:
     cands = sorted(dict.fromkeys(w for w in raw if w and w.isprintable()), key=lambda w: (not w.isalpha(), len(w) < 3))
     index = SearchIndex(atlas)
     for q in [*cands[:20], row.get("label") or ""]:
-        n = len(views.text_search(index, q).results)
+        n = len(text_search(index, q).results)
         if n:
             return q, n
     return "", 0

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from app_helpers import texts
 
-from metasae import views
 from metasae.atlas import Atlas, verify
+from metasae.views.latent import latent_view
 
 DATA = Path(__file__).resolve().parents[2] / "data"
 
@@ -28,7 +28,7 @@ def test_bundled_atlas_verifies_against_its_manifest():
 
 
 def test_bundled_atlas_is_the_demo_preset(bundled):
-    m = bundled.manifest
+    m = bundled.manifest.to_dict()  # the stored JSON, as a reader of the file sees it
     assert m["build"]["preset"] == "demo" and m["model"]["hook"] == "blocks.15.hook_resid_pre"
     assert "SmolLM2" in m["model"]["name"] and m["model"]["d_model"] == 576
     assert bundled.widths == [576, 1152, 2304, 4608]
@@ -39,7 +39,7 @@ def test_bundled_atlas_is_the_demo_preset(bundled):
 
 def test_bundled_atlas_carries_its_baselines_and_showcase(bundled):
     """The numbers issue 10 asks for are in the manifest, each beside its baseline, and the showcase exists."""
-    m = bundled.manifest
+    m = bundled.manifest.to_dict()  # the stored JSON, as a reader of the file sees it
     base = m["stitching"]["seed_baseline"]
     assert base["width"] == 576 and 0 <= base["mismatch_frac"] <= 1 and 0 <= base["novel_frac_functional"] <= 1
     for p in m["stitching"]["pairs"]:
@@ -58,9 +58,9 @@ def test_app_opens_the_bundled_atlas_by_default(bundled, run_page):
     at = run_page(DATA, timeout=180)
     ladder = at.dataframe[0].value
     assert list(ladder["width"]) == bundled.widths
-    by_width = {s["width"]: s for s in bundled.manifest["saes"]}
+    by_width = {s.width: s for s in bundled.manifest.saes}
     for row in ladder.itertuples():
-        assert row.l0 == pytest.approx(by_width[row.width]["l0"], rel=1e-6)
+        assert row.l0 == pytest.approx(by_width[row.width].l0, rel=1e-6)
     assert f"{sum(bundled.n_latents(w) for w in bundled.widths):,}" in texts(at)
     assert not at.error and not at.exception
 
@@ -71,6 +71,6 @@ def test_latent_page_of_the_bundled_atlas_shows_the_stored_label(bundled, run_pa
     row = lat[lat["density"] > 0].iloc[0]
     at = run_page(DATA, "latent", timeout=180, width=str(w), latent=str(int(row["latent"])))
     assert at.title[0].value == f"Latent {w}/{int(row['latent'])}"
-    shown = views.latent_view(bundled, w, int(row["latent"])).label
+    shown = latent_view(bundled, w, int(row["latent"])).label
     assert shown and f"### {shown}" in [m.value for m in at.markdown]
     assert not at.error

@@ -55,10 +55,9 @@ def lab_client(synthetic_atlas, tmp_path_factory):
 @pytest.fixture
 def lab(monkeypatch, lab_client):
     import metasae.ui as ui
-    import metasae.views as views
 
     fake = LabBackend(lab_client)
-    monkeypatch.setattr(views, "get_backend", lambda *a, **k: (fake, None))
+    monkeypatch.setattr("metasae.app_state.get_backend", lambda *a, **k: (fake, None))
     ui._backend.clear()
     yield fake
     ui._backend.clear()
@@ -97,9 +96,8 @@ def test_the_lab_reports_bad_urls_and_backend_refusals(synthetic_atlas, run_page
 
 def test_the_lab_without_a_backend_says_so(synthetic_atlas, run_page, monkeypatch):
     import metasae.ui as ui
-    import metasae.views as views
 
-    monkeypatch.setattr(views, "get_backend", lambda *a, **k: (None, "Backend unavailable: test"))
+    monkeypatch.setattr("metasae.app_state.get_backend", lambda *a, **k: (None, "Backend unavailable: test"))
     ui._backend.clear()
     at = run_page(synthetic_atlas, "intervene", width="64", latent="2")
     assert "Backend unavailable: test" in [w.value for w in at.warning]

@@ -9,11 +9,38 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from metasae import app_state, plots, views
-from metasae.app_state import BadInput, Term
+from metasae import app_state, plots
+from metasae.app_state import BadInput, Term, get_backend, warm_backend
 from metasae.atlas import DEAD_LABEL, Atlas, AtlasError
 from metasae.search import SearchIndex
 from metasae.synthetic_atlas import PLANTED
+from metasae.views.badges import badge
+from metasae.views.latent import latent_view, node_params, radial_graph
+from metasae.views.live import (
+    activations_table,
+    compare,
+    compose,
+    encode_live,
+    expected_decomposition,
+    load_progress,
+)
+from metasae.views.meta_latent import meta_options, meta_view
+from metasae.views.overview import (
+    curves,
+    findings,
+    ladder_table,
+    latent_counts,
+    max_cos,
+    pair_summaries,
+    paper_notes,
+    path_shape,
+    showcase,
+)
+from metasae.views.render import example_html, styled, to_csv, to_parquet, token_chips
+from metasae.views.search import meta_search, text_search
+from metasae.views.stitching import pair_summary, stitching_table
+from metasae.views.text import MISSING, fmt, show_token
+from metasae.weights import load_decoder, load_meta_sae
 
 
 @pytest.fixture(scope="module")
@@ -149,29 +176,29 @@ def test_parse_vector():
 
 
 def test_show_token_and_html_escaping():
-    assert views.show_token("\u0120Einstein") == " Einstein"
-    assert views.show_token("a\nb\x06") == "a⏎b\\x06"
-    chips = views.token_chips([" <script>alert(1)</script>", "x"])
+    assert show_token("\u0120Einstein") == " Einstein"
+    assert show_token("a\nb\x06") == "a⏎b\\x06"
+    chips = token_chips([" <script>alert(1)</script>", "x"])
     assert "<script>" not in chips and "␣&lt;script&gt;" in chips
-    html = views.example_html(["<b>", " Einstein", "'"], [0.0, 2.0, 1.0], 1, 2.0)
+    html = example_html(["<b>", " Einstein", "'"], [0.0, 2.0, 1.0], 1, 2.0)
     assert "&lt;b&gt;" in html and "rgba(255,140,0,1.00)" in html and "outline" in html and "&#x27;" in html
-    assert views.fmt(None) == "—" and views.fmt(1234) == "1,234" and views.fmt(-0.000439, 3) == "-4.4e-04"
+    assert fmt(None) == "—" and fmt(1234) == "1,234" and fmt(-0.000439, 3) == "-4.4e-04"
 
 
 def test_paper_notes_and_counts_read_old_and_new_manifests(atlas, old_manifest_atlas):
-    notes = views.paper_notes(atlas)
+    notes = paper_notes(atlas)
     assert set(notes) == {"novel", "meta", "overlap"}  # the synthetic paths fall smoothly: no "paths" note
     old = Atlas.open(old_manifest_atlas)
-    person, science = views.showcase(atlas), views.showcase(atlas, "science")
-    assert views.showcase(old) is None and person is not None and person.latent == 7
+    person, science = showcase(atlas), showcase(atlas, "science")
+    assert showcase(old) is None and person is not None and person.latent == 7
     assert science is not None and (science.width, science.latent) == (64, 2)
-    assert views.latent_counts(old).equals(views.latent_counts(atlas).assign(
-        always_on_share=views.latent_counts(old)["always_on_share"]))
-    assert set(views.paper_notes(old)) == {"paths"}  # no functional fraction: the cosine proxy is near 35%
+    assert latent_counts(old).equals(latent_counts(atlas).assign(
+        always_on_share=latent_counts(old)["always_on_share"]))
+    assert set(paper_notes(old)) == {"paths"}  # no functional fraction: the cosine proxy is near 35%
     # a path climbing above both its ends is said so, with the factor
     bumpy = {(1, 2): pd.DataFrame({"mse": [10.0, 30.0, 8.0, 9.0]})}
-    assert views.path_shape(bumpy) == {"monotone_frac": pytest.approx(1 / 3), "peak_over_ends": pytest.approx(3.0)}
-    assert [views.badge(0.0), views.badge(0.3), views.badge(0.05), views.badge(0.05, DEAD_LABEL)] == [
+    assert path_shape(bumpy) == {"monotone_frac": pytest.approx(1 / 3), "peak_over_ends": pytest.approx(3.0)}
+    assert [badge(0.0), badge(0.3), badge(0.05), badge(0.05, DEAD_LABEL)] == [
         "dead", "dense", "", "dead"]
 
 
@@ -179,53 +206,53 @@ def test_background_loading_progress_and_warm_start(atlas, monkeypatch):
     """Issue 11.5: real progress while the backend loads; the app starts a local backend for a real atlas."""
     health = {"status": "loading", "loading": ["model"],
               "loaded": {"model": False, "meta_sae": True, "saes": [64, 128]}}
-    frac, text = views.load_progress(health, [64, 128, 256])
+    frac, text = load_progress(health, [64, 128, 256])
     assert frac == pytest.approx(3 / 5)
     assert text.startswith("Loading in the background 3/5: now model (ready: meta-SAE, SAE 64, SAE 128)")
-    assert views.load_progress({**health, "loaded": {"model": True}}, [64]) is None
-    assert views.load_progress({"status": "ready"}, [64]) is None  # a backend that does not report loading
-    assert not views.warm_backend(atlas, env={})  # synthetic: no model to load
+    assert load_progress({**health, "loaded": {"model": True}}, [64]) is None
+    assert load_progress({"status": "ready"}, [64]) is None  # a backend that does not report loading
+    assert not warm_backend(atlas, env={})  # synthetic: no model to load
     import threading
 
     called = threading.Event()
-    monkeypatch.setattr(views, "get_backend", lambda path, preload=False: preload and called.set())
+    monkeypatch.setattr("metasae.app_state.get_backend", lambda path, preload=False: preload and called.set())
     real = type("A", (), {"manifest": atlas.manifest.model_copy(update={"synthetic": False}), "path": atlas.path})()
-    assert not views.warm_backend(real, env={"METASAE_BACKEND_URL": "http://gpu:8000"})
-    assert not views.warm_backend(real, env={"METASAE_WARM_BACKEND": "0"})
-    assert views.warm_backend(real, env={}) and called.wait(5)  # started, asked to preload
+    assert not warm_backend(real, env={"METASAE_BACKEND_URL": "http://gpu:8000"})
+    assert not warm_backend(real, env={"METASAE_WARM_BACKEND": "0"})
+    assert warm_backend(real, env={}) and called.wait(5)  # started, asked to preload
     assert "METASAE_PRELOAD" not in os.environ  # only that backend preloads, not every later one
 
 
 def test_table_downloads_and_missing_values():
     df = pd.DataFrame({"latent": [1, 2], "label": ["a", None], "delta_ce": [0.5, np.nan]})
-    assert views.to_csv(df).decode().splitlines() == ["latent,label,delta_ce", "1,a,0.5", "2,,"]
+    assert to_csv(df).decode().splitlines() == ["latent,label,delta_ce", "1,a,0.5", "2,,"]
     import io
 
-    back = pd.read_parquet(io.BytesIO(views.to_parquet(df)))
+    back = pd.read_parquet(io.BytesIO(to_parquet(df)))
     assert back["latent"].tolist() == [1, 2] and back["label"].iloc[0] == "a" and back["label"].isna().iloc[1]
-    html = views.styled(df, {"delta_ce": {"type_config": {"format": "%.3f"}}}).to_html()
-    assert "0.500" in html and html.count(views.MISSING) == 2 and "None" not in html and "nan" not in html
+    html = styled(df, {"delta_ce": {"type_config": {"format": "%.3f"}}}).to_html()
+    assert "0.500" in html and html.count(MISSING) == 2 and "None" not in html and "nan" not in html
 
 
 def test_overview_data(atlas):
-    ladder = views.ladder_table(atlas)
+    ladder = ladder_table(atlas)
     assert list(ladder.columns) == ["width", "latents", "l0", "mse", "fvu", "ce_loss", "ce_delta"]
     assert list(ladder["latents"]) == [64, 128, 256]
-    pairs = views.pair_summaries(atlas)
+    pairs = pair_summaries(atlas)
     assert list(pairs["pair"]) == ["64→128", "128→256"] and pairs["novel_frac"].between(0, 1).all()
-    cos = views.max_cos(atlas)
+    cos = max_cos(atlas)
     assert sorted(cos) == [128, 256] and len(cos[128]) == 128
-    found = views.findings(atlas)
+    found = findings(atlas)
     assert found["meta_var_explained"] == pytest.approx(0.48) and found["threshold"] == 0.7
-    assert set(views.curves(atlas)) == {(64, 128), (128, 256)}
+    assert set(curves(atlas)) == {(64, 128), (128, 256)}
 
 
 def test_latent_view_and_radial_graph(atlas):
     e = PLANTED["einstein"]
-    v = views.latent_view(atlas, e["width"], e["latent"])
+    v = latent_view(atlas, e["width"], e["latent"])
     assert v.label == "Albert Einstein physicist" and list(v.decomposition["meta_latent"]) == [3, 11, 5, 20]
     assert v.family["smaller"]["latent"] == 2 and len(v.examples) == 5
-    g = views.radial_graph(atlas, 128, 7, n_meta=4, n_each=3)
+    g = radial_graph(atlas, 128, 7, n_meta=4, n_each=3)
     n = g.nodes
     assert n.loc[0, "kind"] == "center" and list(n[n.kind == "meta"]["meta_latent"]) == [3, 11, 5, 20]
     others = n[n.kind == "latent"]
@@ -236,8 +263,8 @@ def test_latent_view_and_radial_graph(atlas):
     assert all(any(a == n.at[i, "parent"] and b == i and p for a, b, _, p in g.edges) for i in others.index)
     assert all(a in meta_ids or a == 0 for a, _, _, _ in g.edges)
     assert sum(len(g.children(m)) for m in meta_ids) == len(others)
-    assert views.node_params(n.loc[1]) == ("meta_latent", {"meta": "3"})
-    assert views.node_params(others.iloc[0])[0] == "latent"
+    assert node_params(n.loc[1]) == ("meta_latent", {"meta": "3"})
+    assert node_params(others.iloc[0])[0] == "latent"
     # Curie (256/42) shares meta-latents 3 and 11 with Einstein: one node, two edges
     curie = n[(n.sae_width == 256) & (n.latent == 42)]
     if len(curie):
@@ -253,7 +280,7 @@ def test_radial_graph_shows_live_latents_before_dead_ones(atlas, monkeypatch):
         return df
 
     monkeypatch.setattr(atlas, "members", members_with_dead_on_top)
-    g = views.radial_graph(atlas, 128, 7, n_meta=1, n_each=3)
+    g = radial_graph(atlas, 128, 7, n_meta=1, n_each=3)
     shown = g.nodes[g.nodes.kind == "latent"]
     live = [r for r in members_with_dead_on_top(3).itertuples() if r.label != DEAD_LABEL
             and (r.sae_width, r.latent) != (128, 7)][:3]
@@ -262,35 +289,35 @@ def test_radial_graph_shows_live_latents_before_dead_ones(atlas, monkeypatch):
 
 
 def test_meta_view(atlas):
-    mv = views.meta_view(atlas, 3)
+    mv = meta_view(atlas, 3)
     assert mv.label == "science" and list(mv.per_width["sae_width"]) == [64, 128, 256]
     assert int(mv.per_width["members"].sum()) == len(mv.members)
     assert 3 not in set(mv.cooccurring["meta_latent"])
-    assert views.meta_options(atlas)[3] == (3, "3 · science")
+    assert meta_options(atlas)[3] == (3, "3 · science")
 
 
 def test_search_views(index):
-    res = views.text_search(index, "einstein")
+    res = text_search(index, "einstein")
     assert res.results.iloc[0][["sae_width", "latent"]].tolist() == [128, 7] and res.message is None
-    assert "Type a word" in views.text_search(index, "   ").message
+    assert "Type a word" in text_search(index, "   ").message
     for hostile in ["'; DROP TABLE latents; --", "\ud800", "日本語", "a" * 10_000, "((((", "\\"]:
-        out = views.text_search(index, hostile)
+        out = text_search(index, hostile)
         assert out.results.empty and ("No latent matches" in out.message or "Type a word" in out.message)
     with pytest.raises(BadInput, match="minimum density"):
-        views.text_search(index, "x", min_density=1.0, max_density=0.1)
-    res = views.meta_search(index, [3, 11], 0.2)
+        text_search(index, "x", min_density=1.0, max_density=0.1)
+    res = meta_search(index, [3, 11], 0.2)
     assert res.results[["sae_width", "latent"]].values.tolist()[:2] == [[128, 7], [256, 42]]
     with pytest.raises(BadInput, match="meta-latent 99"):
-        views.meta_search(index, [99])
+        meta_search(index, [99])
 
 
 def test_stitching_views(atlas):
-    t = views.stitching_table(atlas, 64, 128)
+    t = stitching_table(atlas, 64, 128)
     assert len(t) == 128 and set(t["kind"]) == {"novel", "reconstruction"}
-    assert views.stitching_table(atlas, 64, 128, "novel")["kind"].eq("novel").all()
+    assert stitching_table(atlas, 64, 128, "novel")["kind"].eq("novel").all()
     with pytest.raises(BadInput, match="neighbouring"):
-        views.stitching_table(atlas, 64, 256)
-    s = views.pair_summary(atlas, 64, 128)
+        stitching_table(atlas, 64, 256)
+    s = pair_summary(atlas, 64, 128)
     assert 0 < s["novel_frac"] < 1 and s["n_add"] + s["n_swap"] == len(atlas.stitching_curve(64, 128)) - 1
     assert -1 <= s["attr_spearman"] <= 1
     g = atlas.latents_table(128, ["latent", "group_id"])
@@ -298,18 +325,18 @@ def test_stitching_views(atlas):
 
 
 def test_live_views(atlas):
-    meta = views.load_meta_sae(atlas)
-    dec = {128: views.load_decoder(atlas, 128), 64: views.load_decoder(atlas, 64)}
+    meta = load_meta_sae(atlas)
+    dec = {128: load_decoder(atlas, 128), 64: load_decoder(atlas, 64)}
     assert dec[128].shape == (128, 32)
-    v = views.compose([Term(1.0, 128, 7), Term(-0.5, 64, 2)], dec)
+    v = compose([Term(1.0, 128, 7), Term(-0.5, 64, 2)], dec)
     assert np.allclose(v, dec[128][7] - 0.5 * dec[64][2])
-    live = views.encode_live(atlas, meta, dec[128][7])
+    live = encode_live(atlas, meta, dec[128][7])
     assert list(live.columns) == ["meta_latent", "weight", "label"] and (live["weight"] > 0).all()
     with pytest.raises(BadInput, match="dimension"):
-        views.encode_live(atlas, meta, np.ones(5))
-    exp = views.expected_decomposition(atlas, [Term(1.0, 128, 7), Term(-0.5, 64, 2)])
+        encode_live(atlas, meta, np.ones(5))
+    exp = expected_decomposition(atlas, [Term(1.0, 128, 7), Term(-0.5, 64, 2)])
     assert dict(zip(exp["meta_latent"], exp["weight"].round(4), strict=True))[3] == pytest.approx(0.2)
-    cmp = views.compare(atlas.decomposition(128, 7), live)
+    cmp = compare(atlas.decomposition(128, 7), live)
     assert {"meta_latent", "label", "stored", "live", "difference"} <= set(cmp.columns)
     assert np.allclose(cmp["difference"], cmp["live"] - cmp["stored"])
 
@@ -320,23 +347,23 @@ def test_weightless_atlas_says_so(tmp_path):
     a = Atlas.open(make_synthetic_atlas(tmp_path / "w", widths=(16, 32), n_meta=8, plant=False,
                                         with_weights=False))
     with pytest.raises(AtlasError, match="without SAE weights"):
-        views.load_meta_sae(a)
+        load_meta_sae(a)
 
 
 def test_activations_table():
     res = {"tokens": ["Al", "bert"], "top": [[{"latent": 3, "activation": 1.5, "label": "x"}],
                                              [{"latent": 4, "activation": 0.5, "label": "y"},
                                               {"latent": 3, "activation": 0.2, "label": "x"}]]}
-    t = views.activations_table(res)
+    t = activations_table(res)
     assert t[["position", "latent", "rank"]].values.tolist() == [[0, 3, 0], [1, 4, 0], [1, 3, 1]]
-    assert views.activations_table({}).empty
+    assert activations_table({}).empty
 
 
 def test_get_backend_reports_why(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "metasae.backend.client", None)  # import fails
-    backend, why = views.get_backend()
+    backend, why = get_backend()
     assert backend is None and why.startswith("Backend unavailable")
 
 
@@ -344,8 +371,8 @@ def test_get_backend_reports_why(monkeypatch):
 
 
 def test_figures(atlas):
-    ladder = views.ladder_table(atlas)
-    f = plots.ladder_figure(ladder, views.curves(atlas))
+    ladder = ladder_table(atlas)
+    f = plots.ladder_figure(ladder, curves(atlas))
     assert isinstance(f, go.Figure)
     assert [t.name for t in f.data] == ["stitch 64→128", "SAEs", "stitch 128→256", "SAEs"]
     # one panel per pair; its rungs are labelled on opposite sides, so the labels cannot overlap
@@ -353,9 +380,9 @@ def test_figures(atlas):
     assert [list(t.text) for t in rungs] == [["64", "128"], ["128", "256"]]
     assert all(list(t.textposition) == ["middle left", "middle right"] for t in rungs)
     assert f.layout.yaxis.type == "log" and f.layout.xaxis2.anchor == "y2"
-    assert [t.name for t in plots.novel_fraction_figure(views.pair_summaries(atlas)).data] == [
+    assert [t.name for t in plots.novel_fraction_figure(pair_summaries(atlas)).data] == [
         "cosine proxy, all latents", "cosine proxy, live latents", "functional (insertion lowers MSE)"]
-    assert len(plots.max_cos_figure(views.max_cos(atlas), 0.7).data) == 2
+    assert len(plots.max_cos_figure(max_cos(atlas), 0.7).data) == 2
     row = atlas.latent(128, 7)
     h = plots.histogram_figure(row["hist_counts"], row["hist_edges"])
     assert len(h.data[0].x) == len(row["hist_edges"])
@@ -364,7 +391,7 @@ def test_figures(atlas):
     assert logh.layout.xaxis.type == "log"
     dec = plots.decomposition_figure(atlas.decomposition(128, 7))
     assert list(dec.data[0].x) == pytest.approx([0.05, 0.15, 0.3, 0.5])
-    g = views.radial_graph(atlas, 128, 7)
+    g = radial_graph(atlas, 128, 7)
     rf = plots.radial_figure(g)
     nodes = [t for t in rf.data if t.customdata is not None]
     assert sorted(int(i) for t in nodes for i in t.customdata) == list(g.nodes.index)
@@ -372,11 +399,11 @@ def test_figures(atlas):
     assert {t.name for t in plots.stitch_path_figure(curve, 64, 128).data} >= {"add", "swap"}
     assert len(plots.stitch_ce_figure(curve, 64, 128).data) == 1
     assert plots.stitch_path_figure(curve.iloc[0:0], 64, 128).layout.annotations
-    table = views.stitching_table(atlas, 64, 128)
+    table = stitching_table(atlas, 64, 128)
     assert {t.name for t in plots.delta_scatter(table).data} == {"novel", "reconstruction"}
-    mv = views.meta_view(atlas, 3)
+    mv = meta_view(atlas, 3)
     assert len(plots.members_figure(mv.per_width).data) == 1 and len(plots.cooccur_figure(mv.cooccurring).data) == 1
-    cmp = views.compare(atlas.decomposition(128, 7), atlas.decomposition(256, 42))
+    cmp = compare(atlas.decomposition(128, 7), atlas.decomposition(256, 42))
     assert len(plots.compare_figure(cmp).data) == 2
     acts = pd.DataFrame({"position": [0, 1, 1], "token": ["a", "b", "b"], "rank": [0, 0, 1],
                          "latent": [3, 4, 3], "activation": [1.0, 0.5, 0.2], "label": ["x", "y", "x"]})
@@ -385,9 +412,9 @@ def test_figures(atlas):
 
 
 def test_paths_note_says_how_few_groups_help_alone(atlas, monkeypatch):
-    f = {**views.findings(atlas), "monotone_frac": 0.4, "groups_help_alone": 0.15, "families_help_alone": 0.01}
-    monkeypatch.setattr(views, "findings", lambda _atlas: f)
-    monkeypatch.setattr(views, "curves", lambda _atlas: {})
-    note = views.paper_notes(atlas)["paths"]
+    f = {**findings(atlas), "monotone_frac": 0.4, "groups_help_alone": 0.15, "families_help_alone": 0.01}
+    monkeypatch.setattr("metasae.views.overview.findings", lambda _atlas: f)
+    monkeypatch.setattr("metasae.views.overview.curves", lambda _atlas: {})
+    note = paper_notes(atlas)["paths"]
     assert "does not rise on 40% of the steps" in note
     assert "Only 15% of the groups lower MSE when applied alone, and 1% of whole families" in note

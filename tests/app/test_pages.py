@@ -254,11 +254,10 @@ class FakeBackend:
 def backend(monkeypatch):
     """Replace the backend the pages get: yields a setter taking a backend object or a reason string."""
     import metasae.ui as ui
-    import metasae.views as views
 
     def use(value):
         answer = (None, value) if isinstance(value, str) else (value, None)
-        monkeypatch.setattr(views, "get_backend", lambda *a, **k: answer)
+        monkeypatch.setattr("metasae.app_state.get_backend", lambda *a, **k: answer)
         ui._backend.clear()
 
     yield use

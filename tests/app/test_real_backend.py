@@ -22,9 +22,10 @@ import pytest
 from app_helpers import texts
 from scipy.stats import spearmanr
 
-from metasae import views
 from metasae.atlas import Atlas
 from metasae.backend.client import LocalBackendProcess
+from metasae.views.badges import DENSE
+from metasae.views.live import LIVE_TOP_K
 
 TEXT = "Albert Einstein was a German-born theoretical physicist."
 
@@ -85,13 +86,13 @@ def test_live_text_shows_the_backends_top_latents(real_backend, page):
     assert not at.error and not at.warning, [m.value for m in (*at.error, *at.warning)]
 
     # the same question asked without the page, then filtered by hand as the page says it does: dense latents
-    # (density above views.DENSE) and the first token hidden, each token's 5 strongest of the rest
-    direct = proc.client.activations(TEXT, 128, views.LIVE_TOP_K)
+    # (density above DENSE) and the first token hidden, each token's 5 strongest of the rest
+    direct = proc.client.activations(TEXT, 128, LIVE_TOP_K)
     lat = Atlas.open(real_backend[0]).latents_table(128, ["latent", "density"])
     density = dict(zip(lat["latent"].astype(int), lat["density"].astype(float), strict=True))
     top = {}
     for pos, t in enumerate(direct["top"]):
-        keep = [x for x in t if density.get(int(x["latent"]), 0.0) <= views.DENSE] if pos else []
+        keep = [x for x in t if density.get(int(x["latent"]), 0.0) <= DENSE] if pos else []
         if keep:
             top[pos] = sorted(keep, key=lambda x: -float(x["activation"]))[:5]
     assert len(top) >= 10 and sum(len(t) == 5 for t in top.values()) > len(top) // 2

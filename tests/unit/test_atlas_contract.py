@@ -134,13 +134,15 @@ def test_an_atlas_without_an_optional_table_verifies_and_opens(copy: Path, lazy:
 
 
 def test_views_of_an_atlas_without_the_stitching_table(copy: Path) -> None:
-    from metasae import app_state, views
+    from metasae import app_state
+    from metasae.views.overview import curves
+    from metasae.views.stitching import pair_summary
 
     _drop_table(copy, "stitching")
     atlas = Atlas.open(copy)
-    assert views.curves(atlas) == {}
+    assert curves(atlas) == {}
     assert app_state.page_pairs(atlas) == [(64, 128), (128, 256)]  # kinds and deltas still per pair
-    assert views.pair_summary(atlas, 64, 128)["novel_frac"] is not None
+    assert pair_summary(atlas, 64, 128)["novel_frac"] is not None
 
 
 def test_a_missing_required_table_names_the_file_and_the_stage(copy: Path) -> None:

@@ -8,10 +8,11 @@ import math
 import numpy as np
 import pytest
 
-from metasae import views
+from metasae.app_state import BadInput
 from metasae.atlas import Atlas
 from metasae.search import SearchIndex, decomp_score
 from metasae.synthetic_atlas import PLANTED, make_synthetic_atlas
+from metasae.views.search import decomp_search
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def test_views_explain_a_missing_score_and_bad_bounds(atlas, tmp_path):
     old = make_synthetic_atlas(tmp_path / "old", with_weights=False)
     t = Atlas.open(old)
     t.tables["latents"] = t.tables["latents"].drop_columns(["decomp_fvu", "decomp_terms", "decomp_entropy"])
-    out = views.decomp_search(SearchIndex(t), "composite")
+    out = decomp_search(SearchIndex(t), "composite")
     assert out.results.empty and "rebuild" in out.message
-    with pytest.raises(views.BadInput, match="minimum number of meta-latents"):
-        views.decomp_search(SearchIndex(atlas), "atomic", min_terms=3, max_terms=2)
+    with pytest.raises(BadInput, match="minimum number of meta-latents"):
+        decomp_search(SearchIndex(atlas), "atomic", min_terms=3, max_terms=2)
