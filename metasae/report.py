@@ -30,6 +30,7 @@ from metasae.atlas import (
     StitchPair,
 )
 from metasae.views import overview, stitching
+from metasae.views.badges import ALWAYS_ON, RARE
 
 PAPER = {"novel_frac": "~35% (GPT-2, 768..98304)", "meta_var_explained": "roughly half (49152 rows, 2304 meta)",
          "overlap": "28.92% (meta co-membership vs edges to the 3072 SAE)", "terms": "4 (BatchTopK k=4)"}
@@ -59,8 +60,8 @@ def find_latent(atlas: Atlas, words: list[str], width: int) -> tuple[dict, str] 
     return None
 
 
-LIVE_DENSITY = 1e-4  # fires at least once in 10k tokens
-ALWAYS_ON_DENSITY = 0.5
+LIVE_DENSITY = RARE  # fires at least once in 10k tokens (the dashboard's rare / live line)
+ALWAYS_ON_DENSITY = ALWAYS_ON
 
 
 def ladder_health(atlas: Atlas) -> pd.DataFrame:

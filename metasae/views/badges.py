@@ -10,7 +10,8 @@ from metasae.atlas import DEAD_LABEL
 from metasae.views.text import number
 
 DENSE = 0.1  # density above which a latent counts as dense (fires on more than 1 token in 10)
-RARE = 1e-4
+RARE = 1e-4  # below it (and above 0) a latent is rare; at or above it, live
+ALWAYS_ON = 0.5  # density above which a latent fires on most tokens
 
 
 def badge(density: Any, label: Any = None, dense: float = DENSE) -> str:

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from metasae.atlas import Atlas, MetaRows, SaeInfo, SeedBaseline, ShowcaseItem
-from metasae.views.badges import DENSE, RARE
+from metasae.views.badges import ALWAYS_ON, DENSE, RARE
 from metasae.views.text import fmt, number
 
 LADDER_COLUMNS = ["width", "l0", "mse", "fvu", "ce_loss", "ce_delta"]
@@ -221,5 +221,5 @@ def latent_counts(atlas: Atlas) -> pd.DataFrame:
                      "rare": given(rec.n_rare, int(((d > 0) & (d < RARE)).sum())),
                      "dense": given(rec.n_dense, int((d > DENSE).sum())),
                      "always_on_share": given(rec.always_on_share,
-                                              float(d[d > 0.5].sum() / d.sum()) if d.sum() > 0 else None)})
+                                              float(d[d > ALWAYS_ON].sum() / d.sum()) if d.sum() > 0 else None)})
     return pd.DataFrame(rows, columns=["width", "latents", "dead", "rare", "dense", "always_on_share"])
