@@ -58,8 +58,7 @@ def main() -> None:
         ui.warm_backend(str(atlas.path), atlas)  # the model loads while the visitor reads the Overview
 
     if atlas is not None:
-        facts = atlas.manifest.get("model") or {}
-        st.sidebar.caption(f"**{source.title}** · model `{facts.get('name', '?')}` · widths "
+        st.sidebar.caption(f"**{source.title}** · model `{atlas.manifest.model.name}` · widths "
                            f"{', '.join(map(str, atlas.widths))} · {atlas.n_meta_latents} meta-latents")
     else:
         st.sidebar.caption(f"**{source.title}**: not opened")

@@ -92,40 +92,23 @@ def _num(x: object, fmt: str, width: int = 0) -> str:
     return format(format(x, fmt) if ok else "-", f">{width}")
 
 
-def _obj(x: object) -> dict:
-    return x if isinstance(x, dict) else {}
-
-
-def _list(x: object) -> list:
-    return x if isinstance(x, list) else []
-
-
 def cmd_info(a: argparse.Namespace) -> int:
-    from metasae.atlas import AtlasError, read_manifest
+    from metasae.atlas import load_manifest
 
-    m, problems = read_manifest(a.path)
-    if m is None:
-        raise AtlasError("; ".join(problems))
+    m = load_manifest(a.path)
     if a.json:
-        print(json.dumps(m, indent=1))
+        print(json.dumps(m.to_dict(), indent=1))
         return 0
-    mod, c = _obj(m.get("model")), _obj(m.get("corpus"))
-    print(f"model   {mod.get('name')}  hook {mod.get('hook')}  d_model {mod.get('d_model')}")
-    sources = _list(c.get("sources"))
-    print(f"corpus  {', '.join(map(str, sources))}  {_num(c.get('n_tokens'), 'd')} tokens")
+    print(f"model   {m.model.name}  hook {m.model.hook}  d_model {m.model.d_model}")
+    print(f"corpus  {', '.join(m.corpus.sources)}  {_num(m.corpus.n_tokens, 'd')} tokens")
     print(f"{'width':>7} {'L0':>7} {'MSE':>9} {'FVU':>6} {'CE':>7} {'ΔCE':>7}")
-    for s in _list(m.get("saes")):
-        s = _obj(s)
-        print(f"{_num(s.get('width'), 'd', 7)} {_num(s.get('l0'), '.1f', 7)} {_num(s.get('mse'), '.2f', 9)} "
-              f"{_num(s.get('fvu'), '.3f', 6)} {_num(s.get('ce_loss'), '.3f', 7)} {_num(s.get('ce_delta'), '.3f', 7)}")
-    pairs = _obj(m.get("stitching")).get("pairs")
-    for p in _list(pairs):
-        p = _obj(p)
-        print(f"pair {p.get('small')}->{p.get('large')}: novel {_num(p.get('novel_frac'), '.1%')}, "
-              f"{_num(p.get('n_groups'), 'd')} groups")
-    ms = _obj(m.get("meta_sae"))
-    if ms:
-        print(f"meta-SAE {ms.get('width')} meta-latents, k={ms.get('k')}, FVU {_num(ms.get('fvu'), '.3f')}")
+    for s in m.saes:
+        print(f"{_num(s.width, 'd', 7)} {_num(s.l0, '.1f', 7)} {_num(s.mse, '.2f', 9)} "
+              f"{_num(s.fvu, '.3f', 6)} {_num(s.ce_loss, '.3f', 7)} {_num(s.ce_delta, '.3f', 7)}")
+    for p in m.stitching.pairs:
+        print(f"pair {p.small}->{p.large}: novel {_num(p.novel_frac, '.1%')}, {_num(p.n_groups, 'd')} groups")
+    ms = m.meta_sae
+    print(f"meta-SAE {ms.width} meta-latents, k={ms.k}, FVU {_num(ms.fvu, '.3f')}")
     return 0
 
 

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from metasae import stitching as st
+from metasae.atlas import Manifest
 from metasae.sae import Sae, SaeError
 
 METRICS = ("mse", "ce")
@@ -547,12 +548,12 @@ def _assemble(m: st.Match, small: Sae, large: Sae, stats: list[dict], curves: li
     return out
 
 
-def build_settings(manifest: dict) -> dict:
+def build_settings(manifest: Manifest) -> dict:
     """The `stitch_eval` options that measure what an atlas's build measured: its `max_norm_ratio` (attention
     sinks out of the MSE side) and the activation store's float16 rounding. Atlases without a recorded build
     config (imported, synthetic) get neither."""
-    cfg = (manifest.get("build") or {}).get("config") or {}
-    if not isinstance(cfg, dict) or not cfg:
+    cfg = manifest.build.config
+    if not cfg:
         return {"max_norm_ratio": None, "acts_dtype": None}
     ratio = cfg.get("max_norm_ratio")
     return {"max_norm_ratio": float(ratio) if isinstance(ratio, (int, float)) else None, "acts_dtype": "float16"}

@@ -80,11 +80,11 @@ def evaluate(atlas_path: str, width: int | None, n: int) -> dict:
     torch.set_num_threads(1)
     atlas = Atlas.open(atlas_path)
     width = width or atlas.widths[-1]
-    lm = LanguageModel.load(atlas.manifest["model"].get("source") or "smollm2")
+    lm = LanguageModel.load(atlas.manifest.model.source or "smollm2")
     sae, meta = Sae.load(atlas.sae_path(width)), Sae.load(atlas.meta_sae_path())
     mt = atlas.meta_latents_table(["meta_latent", "label"])
     labels = dict(zip(mt.meta_latent.astype(int), mt.label.fillna(""), strict=True))
-    setup = Setup(lm=lm, hook=atlas.manifest["model"]["hook"], sae=sae, meta=meta,
+    setup = Setup(lm=lm, hook=str(atlas.manifest.model.hook), sae=sae, meta=meta,
                   meta_labels=[labels.get(i, "") for i in range(meta.width)])
     density = atlas.latents_table(width, ["latent", "density"]).sort_values("latent")["density"].to_numpy()
     rows = []
@@ -200,9 +200,9 @@ def bench(atlas_path: str, reps: int = 20) -> dict:
     torch.set_num_threads(1)
     atlas = Atlas.open(atlas_path)
     width = atlas.widths[-1]
-    lm = LanguageModel.load(atlas.manifest["model"].get("source") or "smollm2")
+    lm = LanguageModel.load(atlas.manifest.model.source or "smollm2")
     sae, meta = Sae.load(atlas.sae_path(width)), Sae.load(atlas.meta_sae_path())
-    setup = Setup(lm=lm, hook=atlas.manifest["model"]["hook"], sae=sae, meta=meta)
+    setup = Setup(lm=lm, hook=str(atlas.manifest.model.hook), sae=sae, meta=meta)
     text = "Albert Einstein was a German-born theoretical physicist who developed the theory of relativity, one " * 3
     ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"][:32]
     L = int(sae.encode(lm.resid(torch.tensor([ids]), setup.hook)[0])[-1].argmax())

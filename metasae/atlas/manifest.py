@@ -265,14 +265,6 @@ class Manifest(_Section):
         """The record of one width, None when the manifest lists no such SAE."""
         return next((s for s in self.saes if s.width == width), None)
 
-    # Dict-style reading, for callers not yet moved to the attributes (backend resources, family, the
-    # build settings, older tests): answers from the JSON form, as the plain dict did.
-    def __getitem__(self, key: str) -> Any:
-        return self.to_dict()[key]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.to_dict().get(key, default)
-
 
 def validation_problems(e: ValidationError) -> list[str]:
     """One 'a.b.0.c: message' line per pydantic error."""

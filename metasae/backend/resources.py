@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from metasae.atlas import Manifest
 from metasae.backend.config import Settings
 from metasae.backend.errors import ApiError, field_error, free_cuda_cache, is_oom
 
@@ -133,20 +134,20 @@ class Resources:
         return self._atlas
 
     @property
-    def manifest(self) -> dict:
+    def manifest(self) -> Manifest:
         return self.atlas().manifest
 
     @property
     def hook(self) -> str:
-        return str(self.manifest["model"]["hook"])
+        return str(self.manifest.model.hook)
 
     @property
     def d_model(self) -> int:
-        d = self.manifest["model"].get("d_model")
+        d = self.manifest.model.d_model
         return int(d) if d else int(self.meta().d_in)
 
     def sae_widths(self) -> list[int]:
-        return sorted(int(s["width"]) for s in self.manifest.get("saes") or [] if isinstance(s, dict))
+        return sorted(s.width for s in self.manifest.saes)
 
     def check_width(self, width: int, field: str = "width") -> int:
         widths = self.sae_widths()
@@ -185,8 +186,8 @@ class Resources:
 
     def lm(self):
         """The atlas's language model (loaded on first need); one that cannot be loaded is a 503 saying why."""
-        m = self.manifest["model"]
-        source = str(m.get("source") or m.get("name"))
+        m = self.manifest.model
+        source = str(m.source or m.name)
 
         def load():
             try:
@@ -196,8 +197,8 @@ class Resources:
                     raise
                 raise ApiError(503, f"model: the atlas's language model {source!r} cannot be loaded here "
                                     f"({load_problem(e)})") from e
-            if m.get("d_model") and lm.d_model != int(m["d_model"]):
-                raise ApiError(503, f"model: {source} has d_model {lm.d_model}, the atlas says {m['d_model']}")
+            if m.d_model and lm.d_model != m.d_model:
+                raise ApiError(503, f"model: {source} has d_model {lm.d_model}, the atlas says {m.d_model}")
             return lm
 
         return self._get("model", load)

@@ -20,6 +20,7 @@ import torch
 
 from metasae import novelty
 from metasae.atlas import write_json_atomic
+from metasae.model_spec import is_tiny
 from metasae.parallel import run_jobs
 from metasae.pipeline.assemble import stage_assemble
 from metasae.pipeline.config import BuildConfig
@@ -62,7 +63,7 @@ def stage_activations(ctx: BuildContext) -> None:
 
     cfg = ctx.cfg
     tokens = contexts(ctx)
-    if ctx.workers > 1 and not cfg.model.startswith("tiny:"):
+    if ctx.workers > 1 and not is_tiny(cfg.model):
         ctx.store = ActivationStore.build_parallel(functools.partial(load_model, cfg), tokens, cfg.hook,
                                                    ctx.work / "acts", ctx.workers, shard_ctx=cfg.corpus.shard_ctx,
                                                    progress=ctx.progress)

@@ -33,7 +33,7 @@ def http(main_server):
 def ref(tiny_atlas):
     """The same model, SAEs and meta-SAE, loaded here without the backend."""
     atlas = Atlas.open(tiny_atlas)
-    assert atlas.manifest["model"]["source"] == "tiny:llama:0" and atlas.manifest["model"]["hook"] == HOOK
+    assert atlas.manifest.model.source == "tiny:llama:0" and atlas.manifest.model.hook == HOOK
     return {"atlas": atlas, "lm": tiny_model("llama", seed=0), "meta": Sae.load(atlas.meta_sae_path()),
             "sae": {w: Sae.load(atlas.sae_path(w)) for w in atlas.widths}}
 

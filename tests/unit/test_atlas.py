@@ -533,7 +533,6 @@ def test_info_prints_null_and_missing_metrics_as_dashes(copy: Path, capsys: pyte
         m["saes"][2] = {"width": 256}
         m["meta_sae"]["fvu"] = None
         m["stitching"] = {"pairs": [{"small": 64, "large": 128, "novel_frac": None}]}
-        m["corpus"] = None
 
     _rewrite_manifest(copy, edit)
     assert main(["info", str(copy)]) == 0
@@ -542,6 +541,11 @@ def test_info_prints_null_and_missing_metrics_as_dashes(copy: Path, capsys: pyte
     assert rows["64"][1] == "-" and rows["64"][4] == "-" and rows["64"][2] != "-"
     assert rows["128"][2] == "-" and rows["256"][1:] == ["-"] * 5
     assert "pair 64->128: novel -, - groups" in out and out[-1].endswith("FVU -")
-    (copy / "manifest.json").write_text((copy / "manifest.json").read_text().replace("null", "NaN", 1))
+    good = (copy / "manifest.json").read_text()
+    (copy / "manifest.json").write_text(good.replace("null", "NaN", 1))
     assert main(["info", str(copy)]) == 2
     assert "literal NaN" in capsys.readouterr().err
+    (copy / "manifest.json").write_text(good)
+    _rewrite_manifest(copy, lambda m: m.update(corpus=None))
+    assert main(["info", str(copy)]) == 2
+    assert "corpus: Input should be a valid dictionary" in capsys.readouterr().err

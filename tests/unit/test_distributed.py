@@ -11,6 +11,7 @@ import torch
 
 from metasae import distributed as dist
 from metasae import stitching as st
+from metasae.atlas import Manifest
 from metasae.lm import tiny_model
 from metasae.sae import Sae
 
@@ -264,7 +265,8 @@ def test_fresh_evaluation_equals_the_build_on_the_same_smollm2_tokens(smollm2, m
     curve = pd.read_parquet(folder / "stitching.parquet")
     summary = json.loads((folder / "done.json").read_text())
 
-    manifest = {"build": {"config": {"max_norm_ratio": 5.0}}}
+    manifest = Manifest.coerce({"model": {"name": "smollm2"}, "saes": [], "meta_sae": {},
+                                "build": {"config": {"max_norm_ratio": 5.0}}})
     res = dist.stitch_eval(smollm2, hook, tokens, small, large, threshold=cfg.stitching.threshold,
                            **dist.build_settings(manifest))
     assert res["n_sink_tokens"] == 1 and res["n_tokens"] == summary["eval_tokens"] == 4 * 23 - 1

@@ -43,8 +43,8 @@ def encode_sync(req: Any, res: Resources) -> dict:
             recon = meta.reconstruct(v[None])[0]
             denom = float((v * v).sum())
             fvu = float(((v - recon) ** 2).sum()) / denom if denom > 0 else 0.0
-        w, i = w[0].cpu().tolist(), i[0].cpu().tolist()
+        weights, ids = w[0].cpu().tolist(), i[0].cpu().tolist()
         labels = res.meta_labels()
         terms = [{"id": int(m), "weight": float(x), "label": str(labels[m]) if m < len(labels) else ""}
-                 for x, m in zip(w, i, strict=True) if x > 0]
+                 for x, m in zip(weights, ids, strict=True) if x > 0]
     return {"meta_latents": terms, "fvu": fvu, "d_model": meta.d_in}

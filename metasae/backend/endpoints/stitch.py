@@ -73,7 +73,7 @@ def as_built(fn: Callable, manifest: Manifest) -> dict:
     from metasae.distributed import build_settings
 
     params = inspect.signature(fn).parameters
-    return {k: v for k, v in build_settings(manifest.to_dict()).items() if k in params}
+    return {k: v for k, v in build_settings(manifest).items() if k in params}
 
 
 def stitch_job(req: StitchRequest, res: Resources, settings: Settings) -> Callable[[Job], dict]:
