@@ -174,7 +174,9 @@ class StitchPair(_Section):
     n_swap: int | None = None
     n_add: int | None = None
     n_remove: int | None = None
-    attr_spearman: float | None = None
+    attr_spearman: float | None = None  # attribution (with its exact pairs) vs exact ΔCE on the sampled latents
+    attr_spearman_plain: float | None = None  # the same for first-order attribution alone
+    attr_exact_pairs: int | None = None  # (latent, context) pairs whose attributed change was made exact
     n_exact_ce: int | None = None
     eval_tokens: int | None = None
     ce_tokens: int | None = None

@@ -203,7 +203,10 @@ def _stitch_pair(ctx: BuildContext, small: Sae, large: Sae) -> None:
     S, L = small.width, large.width
     per_latent = torch.cat([torch.full((S,), L), torch.arange(L)])
     ones = torch.ones(S + L)
-    attr_lat = st.delta_ce_attribution(lm, hook, cs, small, large, per_latent, ones, L + 1)[:L].numpy()
+    attr_plain = st.delta_ce_attribution(lm, hook, cs, small, large, per_latent, ones, L + 1)[:L].numpy()
+    budget = cfg.stitching.attr_exact_pairs_per_ctx * cs.tokens.shape[0]
+    attr_lat = st.delta_ce_attribution(lm, hook, cs, small, large, per_latent, ones, L + 1,
+                                       exact_pairs=budget)[:L].numpy() if budget else attr_plain
     group_t = torch.as_tensor(m.group)
     attr_grp = st.delta_ce_attribution(lm, hook, cs, small, large, group_t, m.signs(), m.n_groups).numpy()
     n_ex = min(cfg.stitching.exact_ce_latents, L)
@@ -239,11 +242,13 @@ def _stitch_pair(ctx: BuildContext, small: Sae, large: Sae) -> None:
     groups = curve[curve.action.isin(["add", "swap", "remove"])].mse.to_numpy()
     start = curve[curve.action == "start"].mse.to_numpy()
     valid = ~np.isnan(ce_exact)
-    rho = float(spearmanr(ce_exact[valid], attr_lat[valid]).statistic) if valid.sum() > 2 else float("nan")
+    rho, rho_plain = (float(spearmanr(ce_exact[valid], a[valid]).statistic) if valid.sum() > 2 else float("nan")
+                      for a in (attr_lat, attr_plain))
     summary = {"small": S, "large": L, "novel_frac": float((m.kind == "novel").mean()),
                "n_groups": m.n_groups, "n_swap": int((actions == "swap").sum()),
                "n_add": int((actions == "add").sum()), "n_remove": int((actions == "remove").sum()),
-               "attr_spearman": rho, "n_exact_ce": int(valid.sum()), "eval_tokens": sp.n_tokens,
+               "attr_spearman": rho, "attr_spearman_plain": rho_plain, "attr_exact_pairs": budget,
+               "n_exact_ce": int(valid.sum()), "eval_tokens": sp.n_tokens,
                "ce_tokens": cs.n_tokens, **fracs,
                "monotone_frac": novelty.monotone_frac(np.concatenate([start, groups])),
                # share of groups that lower MSE applied alone: when few do, no order of them descends monotonically
