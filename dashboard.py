@@ -63,16 +63,7 @@ def main() -> None:
     else:
         st.sidebar.caption(f"**{source.title}**: not opened")
 
-    pages = [
-        st.Page(ui.PAGES["overview"], title="Overview", icon=":material/insights:", default=True),
-        st.Page(ui.PAGES["latent"], title="Latent", icon=":material/scatter_plot:", url_path="latent"),
-        st.Page(ui.PAGES["meta_latent"], title="Meta-latent", icon=":material/hub:", url_path="meta_latent"),
-        st.Page(ui.PAGES["search"], title="Search", icon=":material/search:", url_path="search"),
-        st.Page(ui.PAGES["stitching"], title="Stitching", icon=":material/call_merge:", url_path="stitching"),
-        st.Page(ui.PAGES["live"], title="Live", icon=":material/bolt:", url_path="live"),
-        st.Page(ui.PAGES["intervene"], title="Intervene", icon=":material/tune:", url_path="intervene"),
-    ]
-    page = st.navigation(pages)
+    page = st.navigation(ui.navigation_pages())
     name = page.url_path or "overview"
     ui.remember_params(name)
     ui.fix_history()

@@ -337,3 +337,14 @@ def token_latent_heatmap(acts: pd.DataFrame, max_latents: int = 20) -> go.Figure
 
 def finite(x: Any) -> bool:
     return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def training_curves_figure(curves: pd.DataFrame) -> go.Figure:
+    """Training-batch FVU against training tokens, one line per rung (the atlas's training_curves table)."""
+    fig = go.Figure()
+    for w, c in curves.groupby("sae_width", sort=True):
+        fig.add_trace(go.Scatter(x=c["tokens"], y=c["fvu"], mode="lines", name=f"width {w}"))
+    fig.update_layout(title="FVU of the training batches vs training tokens", xaxis_title="training tokens",
+                      yaxis_title="FVU (batch)", yaxis_rangemode="tozero", template="plotly_white",
+                      legend_title_text="rung")
+    return fig

@@ -180,21 +180,6 @@ def targets(m: Manifest) -> list[tuple[str, str, str, bool | None]]:
     ]
 
 
-def training_curves(atlas_path: Path, widths: list[int]) -> go.Figure:
-    """FVU of the training batches against training tokens, one line per rung (recorded by the build)."""
-    import json
-
-    fig = go.Figure()
-    for w in widths:
-        cfg = json.loads((atlas_path / "saes" / str(w) / "cfg.json").read_text())
-        pts = (cfg.get("metadata") or {}).get("training_fvu") or []
-        if pts:
-            fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines", name=str(w)))
-    fig.update_layout(title="FVU of the training batches vs training tokens", xaxis_title="training tokens",
-                      yaxis_title="FVU (batch)", yaxis_range=[0, 0.6], template="plotly_white")
-    return fig
-
-
 def write_report(atlas_path: str | Path, out_dir: str | Path) -> Path:
     atlas = Atlas.open(atlas_path)
     out_dir = Path(out_dir)
@@ -207,7 +192,7 @@ def write_report(atlas_path: str | Path, out_dir: str | Path) -> Path:
     f_ladder = _png(plots.ladder_figure(ladder, curves), fig_dir / "mse_vs_l0.png")
     f_novel = _png(plots.novel_fraction_figure(pairs), fig_dir / "novel_fraction.png", height=380)
     f_cos = _png(plots.max_cos_figure(overview.max_cos(atlas), facts["threshold"]), fig_dir / "max_cos.png")
-    f_train = _png(training_curves(Path(atlas_path), atlas.widths), fig_dir / "training_fvu.png", height=380)
+    f_train = _png(plots.training_curves_figure(atlas.training_curves()), fig_dir / "training_fvu.png", height=380)
     largest = atlas.widths[-1]
     f_terms = _png(meta_terms_figure(atlas, largest), fig_dir / "meta_terms.png", height=350)
     bcfg = m.build.config

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
@@ -315,3 +316,10 @@ def import_ladder(specs: Sequence[str]) -> list[Sae]:
     if len(hooks) > 1:
         raise SaeError(f"the ladder's SAEs read different hooks: {sorted(hooks)}")
     return out
+
+
+def training_curve_table(saes: list[Sae]) -> pd.DataFrame:
+    """The atlas's `training_curves` rows (sae_width, tokens, fvu) from each SAE's recorded training-batch FVU
+    (`metadata["training_fvu"]`, written by `train_sae`); SAEs without one (imported) contribute no rows."""
+    rows = [(s.width, int(t), float(f)) for s in saes for t, f in s.metadata.get("training_fvu") or []]
+    return pd.DataFrame(rows, columns=["sae_width", "tokens", "fvu"])

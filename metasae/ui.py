@@ -20,11 +20,37 @@ from metasae.atlas import Atlas, AtlasError, UnknownLatentError
 from metasae.views import render
 from metasae.views.text import latent_name, show_token
 
-PAGES = {
-    "overview": "pages/overview.py", "latent": "pages/latent.py", "meta_latent": "pages/meta_latent.py",
-    "search": "pages/search.py", "stitching": "pages/stitching.py", "live": "pages/live.py",
-    "intervene": "pages/intervene.py",
-}
+
+@dataclass(frozen=True)
+class PageSpec:
+    """One dashboard page: its URL path (also its name in links), script, sidebar title and icon."""
+
+    name: str
+    title: str
+    icon: str
+
+    @property
+    def script(self) -> str:
+        return f"pages/{self.name}.py"
+
+
+# The one place pages are registered: the sidebar order, the first is the default page (served at /).
+PAGE_SPECS = (
+    PageSpec("overview", "Overview", ":material/insights:"),
+    PageSpec("latent", "Latent", ":material/scatter_plot:"),
+    PageSpec("meta_latent", "Meta-latent", ":material/hub:"),
+    PageSpec("search", "Search", ":material/search:"),
+    PageSpec("stitching", "Stitching", ":material/call_merge:"),
+    PageSpec("live", "Live", ":material/bolt:"),
+    PageSpec("intervene", "Intervene", ":material/tune:"),
+)
+PAGES = {p.name: p.script for p in PAGE_SPECS}
+
+
+def navigation_pages() -> list[Any]:
+    """The st.Page objects for st.navigation, in PAGE_SPECS order."""
+    return [st.Page(p.script, title=p.title, icon=p.icon, default=i == 0, url_path=None if i == 0 else p.name)
+            for i, p in enumerate(PAGE_SPECS)]
 _CTX = "_metasae_context"
 
 

@@ -114,6 +114,17 @@ with ui.guard():
     })
     st.plotly_chart(plots.ladder_figure(ladder, curves(atlas)), key="ladder")
 
+st.subheader("Convergence")
+with ui.guard():
+    training = atlas.training_curves()
+    if training.empty:
+        st.info(atlas.missing_table_message("training_curves"))
+    else:
+        st.caption("Each rung's FVU on its training batches as training went on: a curve still falling at its end "
+                   "means the rung had not converged, and its latents (and the novel fractions built on them) "
+                   "would still move. The same-width seed baseline on this page is the other half of that check.")
+        st.plotly_chart(plots.training_curves_figure(training), key="training")
+
 st.subheader("Dead, rare and dense latents")
 with ui.guard():
     st.caption(f"Dead: never fired on the statistics tokens · rare: density below {RARE:g} · dense: density "

@@ -595,6 +595,13 @@ class Atlas:
         mask = pc.and_(pc.equal(t["small_width"], int(small)), pc.equal(t["large_width"], int(large)))
         return t.filter(mask).to_pandas()
 
+    def training_curves(self) -> pd.DataFrame:
+        """Training-batch FVU against training tokens per rung (sae_width, tokens, fvu); empty when the atlas
+        has no training_curves table (``missing_table_message("training_curves")`` says how to add it)."""
+        if not self.has_table("training_curves"):
+            return SCHEMAS["training_curves"].empty_table().to_pandas()
+        return self._columns("training_curves", SCHEMAS["training_curves"].names).to_pandas()
+
     def stitching_pairs(self) -> list[tuple[int, int]]:
         """(small, large) pairs that have a stitching curve (none when the atlas has no stitching table)."""
         if not self.has_table("stitching"):

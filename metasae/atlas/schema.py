@@ -42,7 +42,7 @@ def _f(name: str, typ: pa.DataType, nullable: bool = False) -> pa.Field:
     return pa.field(name, typ, nullable=nullable)
 
 
-_S, _I8, _I16, _I32, _F32 = pa.string(), pa.int8(), pa.int16(), pa.int32(), pa.float32()
+_S, _I8, _I16, _I32, _I64, _F32 = pa.string(), pa.int8(), pa.int16(), pa.int32(), pa.int64(), pa.float32()
 _LS, _LI32, _LF32 = pa.list_(pa.string()), pa.list_(pa.int32()), pa.list_(pa.float32())
 
 # Non-nullable fields must be given to write_table; nullable ones are filled with nulls when absent.
@@ -74,6 +74,11 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
         _f("latent", _I32, True), _f("group", _I32, True), _f("l0", _F32), _f("mse", _F32),
         _f("ce_loss", _F32, True),
     ]), ("small_width", "large_width", "step"), required=False, stage="stitching"),
+    # Optional (added after format 1's first atlases): each rung's training-batch FVU against training tokens,
+    # the convergence evidence; the assembly copies it from the SAEs' training metadata.
+    TableSpec("training_curves", pa.schema([
+        _f("sae_width", _I32), _f("tokens", _I64), _f("fvu", _F32),
+    ]), ("sae_width", "tokens"), required=False, stage="assemble"),
 )}
 SCHEMAS: dict[str, pa.Schema] = {name: t.schema for name, t in TABLES.items()}
 KEYS: dict[str, tuple[str, ...]] = {name: t.keys for name, t in TABLES.items()}

@@ -73,6 +73,7 @@ def stage_assemble(ctx: BuildContext) -> None:
     for sae in saes:
         sae.save(out / "saes" / str(sae.width), dtype="float16")
     from metasae.sae import Sae
+    from metasae.train import training_curve_table
 
     Sae.load(work / "meta_sae").save(out / "meta_sae", dtype="float16")
     frames = []
@@ -96,6 +97,8 @@ def stage_assemble(ctx: BuildContext) -> None:
               for a, b in zip(saes[:-1], saes[1:], strict=True)]
     if curves:  # optional: a one-rung ladder has no pairs
         write_table(out, "stitching", pd.concat(curves, ignore_index=True))
+    if len(training := training_curve_table(saes)):  # optional: imported SAEs record no training curve
+        write_table(out, "training_curves", training)
     evals = {r["width"]: r for r in json.loads((work / "evaluate.json").read_text())}
     meta_info = json.loads((work / "meta.json").read_text())
     corpus = json.loads((work / "corpus.json").read_text()) if (work / "corpus.json").is_file() else {}

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 import metasae.atlas.checks as checks_module
@@ -23,8 +24,10 @@ from metasae.atlas import (
     AtlasError,
     Manifest,
     load_manifest,
+    read_manifest,
     verify,
     write_manifest,
+    write_table,
 )
 from metasae.synthetic_atlas import make_synthetic_atlas
 
@@ -131,6 +134,22 @@ def test_an_atlas_without_an_optional_table_verifies_and_opens(copy: Path, lazy:
     with pytest.raises(AtlasError, match="stitching.parquet"):
         atlas.tables["stitching"]
     assert atlas.latent(128, 7)["label"]  # everything else still answers
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_training_curves_table_round_trips_and_may_be_absent(copy: Path, lazy: bool) -> None:
+    """The table added after format 1's first atlases (docs/architecture.md's walkthrough): older atlases open."""
+    atlas = Atlas.open(copy, lazy=lazy)
+    assert not atlas.has_table("training_curves") and atlas.training_curves().empty
+    assert "'assemble' stage" in atlas.missing_table_message("training_curves")
+    rows = pd.DataFrame({"sae_width": [128, 64, 64], "tokens": [512, 1024, 512], "fvu": [0.5, 0.3, 0.6]})
+    write_table(copy, "training_curves", rows)
+    manifest, _ = read_manifest(copy)
+    write_manifest(copy, manifest)  # the new file enters the checksums
+    assert verify(copy) == []
+    got = Atlas.open(copy, lazy=lazy).training_curves()
+    assert got.to_dict("list") == {"sae_width": [64, 64, 128], "tokens": [512, 1024, 512],
+                                   "fvu": pytest.approx([0.6, 0.3, 0.5])}  # sorted by its key
 
 
 def test_views_of_an_atlas_without_the_stitching_table(copy: Path) -> None:

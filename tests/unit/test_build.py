@@ -15,6 +15,7 @@ import pytest
 
 from metasae.atlas import Atlas, verify
 from metasae.cli import main
+from metasae.sae import Sae
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -59,6 +60,13 @@ def test_tiny_build_is_a_complete_atlas(tiny_atlas: Path) -> None:
         assert c.mse.iloc[0] == pytest.approx(small_mse, rel=1e-3)
     atlas = Atlas.open(tiny_atlas)
     assert atlas.widths == [64, 128, 256]
+    # the training_curves table holds what each SAE's training recorded (two places, one truth)
+    table = atlas.training_curves()
+    for w in atlas.widths:
+        recorded = Sae.load(tiny_atlas / "saes" / str(w)).metadata["training_fvu"]
+        rows = table[table.sae_width == w]
+        assert len(recorded) >= 2 and rows.tokens.tolist() == [int(t) for t, _ in recorded]
+        assert rows.fvu.tolist() == pytest.approx([f for _, f in recorded], rel=1e-6)
 
 
 def test_info_and_verify_commands(tiny_atlas: Path, capsys) -> None:
