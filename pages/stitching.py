@@ -36,7 +36,11 @@ m[0].metric("Novel latents", f"{summary['novel_frac']:.0%}" if plots.finite(summ
 m[1].metric("Swap groups", fmt(summary.get("n_groups")))
 m[2].metric("Steps: add / swap / remove", " / ".join(fmt(summary.get(k)) for k in ("n_add", "n_swap", "n_remove")))
 m[3].metric("ΔCE attribution vs exact", fmt(summary.get("attr_spearman"), 3),
-            help="Spearman rank correlation of the attribution estimate with exact ablation ΔCE")
+            help="Spearman rank correlation with exact ablation ΔCE on the sampled latents, of the attribution "
+                 "estimate stored in the table" + (
+                     f" (its {summary['attr_exact_pairs']:,} largest latent-context terms computed exactly; "
+                     f"first-order attribution alone: {fmt(summary.get('attr_spearman_plain'), 3)})"
+                     if summary.get("attr_exact_pairs") else ""))
 m[4].metric("Cosine threshold", fmt(atlas.manifest.stitching.threshold, 3))
 
 curve = atlas.stitching_curve(small, large)  # empty without the (optional) stitching table
