@@ -261,7 +261,8 @@ def make_synthetic_atlas(
                         n_dense=int((d > 0.1).sum()),
                         always_on_share=round(float(d[d > 0.5].sum() / max(d.sum(), 1e-12)), 4))
 
-    tables = {"latents": latents, "decompositions": dec, "meta_latents": meta, "stitching": stitching}
+    tables = {"latents": latents, "decompositions": dec, "meta_latents": meta, "stitching": stitching,
+              "training_curves": _training_curves(widths)}
     for name, table in tables.items():
         write_table(out, name, table)
     del latents, dec, tables
@@ -405,6 +406,17 @@ def _decomposability(lat: pa.Table, dec: pa.Table, lad: _Ladder, seed: int) -> p
     return (lat.append_column("decomp_fvu", pa.array(fvu.astype(np.float32)))
             .append_column("decomp_terms", pa.array((w > 0).sum(1).astype(np.int16)))
             .append_column("decomp_entropy", pa.array(ent.astype(np.float32))))
+
+
+def _training_curves(widths: tuple[int, ...], points: int = 12) -> pa.Table:
+    """Planted convergence: each rung's FVU falls geometrically to a floor that is lower for wider rungs."""
+    step = np.arange(1, points + 1, dtype=np.int64)
+    return pa.table({
+        "sae_width": np.repeat(np.array(widths, dtype=np.int32), points),
+        "tokens": np.tile(step * 250_000, len(widths)),
+        "fvu": np.concatenate([(0.1 + 0.3 / (i + 1)) + 0.5 * np.exp(-step / 3.0) for i in range(len(widths))])
+        .astype(np.float32),
+    })
 
 
 def _decompositions(rng: np.random.Generator, lad: _Ladder, n_meta: int, k: int) -> pa.Table:

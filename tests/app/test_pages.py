@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from app_helpers import PAGES, links, texts
 
+from metasae.atlas import Atlas
 from metasae.synthetic_atlas import PLANTED, PLANTED_META
 
 EINSTEIN = PLANTED["einstein"]  # width 128, latent 7, "Albert Einstein physicist"
@@ -21,6 +22,19 @@ def test_overview_tells_the_two_findings(synthetic_atlas, run_page):
     assert list(ladder["width"]) == [64, 128, 256]
     assert list(ladder["latents"]) == [64, 128, 256]
     assert ladder["l0"].notna().all() and ladder["mse"].is_monotonic_decreasing
+    # the Convergence plot draws the atlas's training_curves table, one line per rung
+    import base64
+    import json
+
+    import numpy as np
+
+    (fig,) = [json.loads(c.proto.spec) for c in at.get("plotly_chart") if c.proto.id.endswith("training")]
+    want = Atlas.open(synthetic_atlas).training_curves()
+    assert [t["name"] for t in fig["data"]] == ["width 64", "width 128", "width 256"]
+    for trace, (_, rows) in zip(fig["data"], want.groupby("sae_width"), strict=True):
+        y = trace["y"]  # plotly ships numeric arrays as base64 typed arrays
+        y = np.frombuffer(base64.b64decode(y["bdata"]), dtype=y["dtype"]) if isinstance(y, dict) else y
+        assert list(y) == pytest.approx(rows.fvu.tolist(), rel=1e-6)
     assert not at.error
 
 
@@ -65,6 +79,8 @@ def test_overview_of_an_atlas_without_the_new_fields(old_manifest_atlas, run_pag
     text = texts(at)
     assert "by the paper's test" not in text and "of them on average here" in text
     assert "two training seeds" not in text and "Same-width baseline" not in text
+    assert any("This atlas has no training_curves.parquet" in i.value and "'assemble' stage" in i.value
+               for i in at.info)
 
 
 def test_streamlit_config_hides_the_deploy_menu():

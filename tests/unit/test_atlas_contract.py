@@ -139,6 +139,7 @@ def test_an_atlas_without_an_optional_table_verifies_and_opens(copy: Path, lazy:
 @pytest.mark.parametrize("lazy", [False, True])
 def test_training_curves_table_round_trips_and_may_be_absent(copy: Path, lazy: bool) -> None:
     """The table added after format 1's first atlases (docs/architecture.md's walkthrough): older atlases open."""
+    _drop_table(copy, "training_curves")
     atlas = Atlas.open(copy, lazy=lazy)
     assert not atlas.has_table("training_curves") and atlas.training_curves().empty
     assert "'assemble' stage" in atlas.missing_table_message("training_curves")
