@@ -241,7 +241,8 @@ def write_report(atlas_path: str | Path, out_dir: str | Path) -> Path:
         "them (measured at width 1152 on 400k tokens: 19 always-on latents -> 0, dead 37% -> 12%, FVU "
         "0.375 -> 0.238).",
         "",
-        "Convergence: the FVU of the training batches as training goes on (recorded by the build every 100 steps):",
+        "Convergence: the FVU of the training batches as training goes on (recorded by the build every 100 steps; "
+        "the atlas's training_curves table):",
         "",
         f"![training FVU](figures/{f_train})",
         "",
@@ -254,13 +255,14 @@ def write_report(atlas_path: str | Path, out_dir: str | Path) -> Path:
         "",
         "| pair | live latents | **novel (functional)** | novel (cosine proxy) | cosine-novel that help | "
         "cosine-matched that help | MSE does not rise along the path | groups that lower MSE alone | attribution vs exact ΔCE (Spearman: all "
-        "/ \\|ΔCE\\| < 0.05) | paper |",
+        "/ \\|ΔCE\\| < 0.05; first-order alone) | paper |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         *[f"| {p.small}→{p.large} | {_or_dash(p.n_live_large)} | **{_pct(p.novel_frac_functional)}** | "
           f"{_pct(p.novel_frac_cos_live)} | {_pct(p.cos_novel_that_help)} | "
           f"{_pct(p.cos_recon_that_help)} | {_pct(p.monotone_frac)} | "
           f"{_pct(p.groups_help_alone)} | "
-          f"{_nan(p.attr_spearman):.2f} / {d['spearman_small']:.2f} (n={d['n_small']}) | "
+          f"{_nan(p.attr_spearman):.2f} / {d['spearman_small']:.2f} (n={d['n_small']})"
+          f"{f'; {p.attr_spearman_plain:.2f}' if p.attr_spearman_plain is not None else ''} | "
           f"{PAPER['novel_frac']} |" for p, d in zip(pair_rows, details, strict=True)],
         f"| same width, other seed ({_or_dash(base.width)}) | {_or_dash(base.n_live)} | "
         f"**{_pct(base.novel_frac_functional)}** | {_pct(base.mismatch_frac)} | | | | | | "
@@ -377,8 +379,10 @@ def _differences(atlas: Atlas, m: Manifest, bcfg: dict[str, Any], ms: MetaSaeInf
         f"- The meta-SAE reads {_or_dash(ms.rows.n_rows if ms.rows else None)} rows pooled from every rung (the paper: "
         "49152 rows of one SAE), so it is narrower than the paper's (2x d_model instead of 3x): with ~4 rows per "
         "meta-latent it would memorise (the random-row control says how much it does).",
-        "- ΔCE is measured on a few thousand evaluation tokens; attribution ΔCE is stored for every latent and the "
-        "exact value for a sample per pair (see the Spearman column).",
+        "- ΔCE is measured on a few thousand evaluation tokens; attribution ΔCE is stored for every latent (first "
+        "order, with its largest latent-context terms replaced by their exact change) and the exact value for a "
+        "sample per pair (see the Spearman column: the sample is small, n=15-16, and half of it is chosen among "
+        "the largest attributed effects).",
         "",
         "## Intervention lab (issue 12)",
         "",
