@@ -34,7 +34,8 @@ GOALS = {"dmse_vs_pass": "<= 1.5", "dmse_vs_loop": ">= 100", "dce_exact_vs_loop"
 EXACT_PAIRS_PER_CTX = 8  # the build's budget: exact_pairs = 8 * contexts
 
 
-def run(quick: bool, saes_dir: str | None = None, n_sample: int | None = None) -> dict:
+def run(quick: bool, saes_dir: str | None = None, n_sample: int | None = None,
+        budgets: tuple[int, ...] = ()) -> dict:
     torch.manual_seed(0)
     lm, hook, tokens, small, large = real_setup(quick, saes_dir)
     acts = torch.cat([lm.resid(tokens[b:b + 8], hook)[:, 1:].reshape(-1, lm.d_model).float()
@@ -128,6 +129,17 @@ def run(quick: bool, saes_dir: str | None = None, n_sample: int | None = None) -
         out[f"attr_spearman_random{name}"] = float(spearmanr(ex[~is_top], e[~is_top]).statistic)
         out[f"attr_sign_agreement{name}"] = float(np.mean(np.sign(ex) == np.sign(e)))
     out["attr_spearman"] = out["attr_spearman_all"]
+    # the accuracy / cost curve of the exact-pair budget (pairs per context), on the same exact sample
+    out["attr_budget_curve"] = []
+    for per_ctx in budgets:
+        t_b, est = best_of(lambda n=per_ctx: st.delta_ce_attribution(lm, hook, cs, small, large, item_of, ones,
+                                                                     L + 1, exact_pairs=n * len(ce_tokens)),
+                           repeats=1)
+        e = est[:L][chosen].numpy()
+        out["attr_budget_curve"].append({
+            "pairs_per_ctx": per_ctx, "spearman_all": float(spearmanr(ex, e).statistic),
+            "spearman_top": float(spearmanr(ex[is_top], e[is_top]).statistic),
+            "cost_ratio": t_b / t_attr, "cost_vs_exact": t_b / t_exact * len(chosen) / L})
     out["attr_corrected_cost_ratio"] = t_corr / t_attr
     out["exact_pairs"] = budget
     out["n_exact_latents"] = n_exact
@@ -146,11 +158,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer tokens and latents (small machines)")
     p.add_argument("--saes", help="folder of trained SAEs in width subfolders (default data/saes)")
     p.add_argument("--sample", type=int, help="latents with exact ΔCE (default 32 quick, 128)")
+    p.add_argument("--budgets", default="", help="comma list of exact pairs per context to also measure "
+                                                 "attribution with (e.g. 32,128): attr_budget_curve")
     a = p.parse_args(argv)
-    r = run(a.quick, a.saes, a.sample)
+    r = run(a.quick, a.saes, a.sample, tuple(int(x) for x in a.budgets.split(",") if x.strip()))
     for k in GOALS:
         print(f"{k:>20}: {r[k]:10.3f}   goal {GOALS[k]}")
     print(f"{'peak MB':>20}: " + ", ".join(f"{k} {v:.0f}" for k, v in r["peak_mb"].items()))
+    for b in r["attr_budget_curve"]:
+        print(f"{'exact pairs/context':>20}: {b['pairs_per_ctx']:5d}  Spearman all {b['spearman_all']:.3f}, top "
+              f"{b['spearman_top']:.3f}, cost {b['cost_ratio']:.1f}x attribution ({b['cost_vs_exact']:.2f}x exact)")
     if a.json:
         print(json.dumps(r))
     return 0
