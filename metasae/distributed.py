@@ -352,7 +352,7 @@ def stitch_eval(lm, hook: str, tokens: torch.Tensor, small: Sae, large: Sae, met
                 threshold: float = 0.7, ray_address: str | None = None, n_shards: int | None = None,
                 progress: Callable[[float, str], None] | None = None,
                 should_stop: Callable[[], bool] | None = None, max_norm_ratio: float | None = None,
-                acts_dtype: torch.dtype | str | None = None) -> dict:
+                acts_dtype: torch.dtype | str | None = None, attr_exact_pairs_per_ctx: int = 0) -> dict:
     """Stitching evaluation of (small, large) on `tokens` (n_ctx, ctx_len); see the module docstring.
 
     `lm` is a LanguageModel (with Ray it may also be just its source string). Without `ray_address` it runs
@@ -366,6 +366,9 @@ def stitch_eval(lm, hook: str, tokens: torch.Tensor, small: Sae, large: Sae, met
     Ray) and `acts_dtype` rounds the residual first (the build's activation store is float16); the CE side
     (attribution, the curve's CE) uses every position >= 1, as the build's `stitching.ce_set` does.
     `build_settings(manifest)` gives both for an atlas; the defaults (None) filter and round nothing.
+    `attr_exact_pairs_per_ctx` > 0 replaces the largest latent-context attribution terms by their exact change,
+    as the build does (`stitching.attr_exact_pairs_per_ctx`); the selection is global over all contexts, so only
+    the in-process path applies it (on Ray, `attr_exact_pairs` in the result is 0: first-order attribution).
 
     Returns {"n_tokens" (MSE-side tokens), "n_ce_tokens", "n_sink_tokens", "kind", "group_id", "delta_mse", "group_delta_mse", "delta_ce_attr",
     "group_delta_ce_attr" (the last two only with "ce"), "curve": [{"step", "action", "l0", "mse", "ce_loss",
@@ -391,11 +394,22 @@ def stitch_eval(lm, hook: str, tokens: torch.Tensor, small: Sae, large: Sae, met
     rows_kw = {"max_norm_ratio": max_norm_ratio, "acts_dtype": acts_dtype}
     n_ce = min(12, m.n_groups + 1) + 1 if with_ce else 0  # CE points interpolate measures (incl. the bias step)
     if ray_address is None:
-        stats, curves, used = _run_local(lm, hook, tokens, small, large, m, with_ce, n_ce, say, check, rows_kw)
+        stats, curves, used, sh = _run_local(lm, hook, tokens, small, large, m, with_ce, n_ce, say, check, rows_kw)
     else:
         stats, curves, used = _run_ray(lm, hook, tokens, small, large, m, with_ce, ray_address, n_shards, say,
                                        should_stop, rows_kw)
+        sh = None
     result = _assemble(m, small, large, stats, curves, with_ce)
+    budget = 0
+    if with_ce and attr_exact_pairs_per_ctx > 0 and ray_address is None:
+        say(0.999, "attribution: exact changes of its largest terms")
+        budget = attr_exact_pairs_per_ctx * sh.cs.tokens.shape[0]
+        L = large.width
+        per_latent = torch.cat([torch.full((small.width,), L), torch.arange(L)])
+        result["delta_ce_attr"] = st.delta_ce_attribution(lm, hook, sh.cs, small, large, per_latent,
+                                                          torch.ones(small.width + L), L + 1,
+                                                          exact_pairs=budget)[:L].tolist()
+    result["attr_exact_pairs"] = budget
     result.update(n_shards=used, max_norm_ratio=max_norm_ratio,
                   acts_dtype=None if acts_dtype is None else str(acts_dtype).removeprefix("torch."), ray=ray_address is not None, seconds=round(time.time() - t0, 3))
     say(1.0, f"done: {result['n_tokens']} tokens in {result['seconds']:.1f}s")
@@ -435,7 +449,7 @@ def _run_local(lm, hook, tokens, small, large, m, with_ce, n_ce, say, check, row
         say(frac, f"interpolation curve: CE point {done[0]}/{n_ce}")
 
     curve = _curve_sums(lm, hook, sh, small, large, m, _order(stats), with_ce, check, on_point)
-    return stats, [curve], 1
+    return stats, [curve], 1, sh
 
 
 def _concat_sparse(sps: Sequence[st.Sparse]) -> st.Sparse:
@@ -550,13 +564,15 @@ def _assemble(m: st.Match, small: Sae, large: Sae, stats: list[dict], curves: li
 
 def build_settings(manifest: Manifest) -> dict:
     """The `stitch_eval` options that measure what an atlas's build measured: its `max_norm_ratio` (attention
-    sinks out of the MSE side) and the activation store's float16 rounding. Atlases without a recorded build
-    config (imported, synthetic) get neither."""
+    sinks out of the MSE side), the activation store's float16 rounding and the attribution's exact pairs.
+    Atlases without a recorded build config (imported, synthetic) get none of them."""
     cfg = manifest.build.config
     if not cfg:
-        return {"max_norm_ratio": None, "acts_dtype": None}
+        return {"max_norm_ratio": None, "acts_dtype": None, "attr_exact_pairs_per_ctx": 0}
     ratio = cfg.get("max_norm_ratio")
-    return {"max_norm_ratio": float(ratio) if isinstance(ratio, (int, float)) else None, "acts_dtype": "float16"}
+    pairs = cfg.get("stitching_attr_exact_pairs_per_ctx")  # absent: built before it existed, first order
+    return {"max_norm_ratio": float(ratio) if isinstance(ratio, (int, float)) else None, "acts_dtype": "float16",
+            "attr_exact_pairs_per_ctx": int(pairs) if isinstance(pairs, int) and not isinstance(pairs, bool) else 0}
 
 
 def _int_or_none(v) -> int | None:

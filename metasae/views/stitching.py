@@ -117,4 +117,9 @@ def fresh_differences(atlas: Atlas, small: int, large: int, result: dict[str, An
         out.append(f"Other filtering: this evaluation kept attention-sink tokens in its MSE, which the atlas leaves "
                    f"out (norm above {cfg['max_norm_ratio']:g}× the median); a single sink can multiply MSE many "
                    f"times. Measured on {fmt(n)} tokens.")
+    fresh_pairs = result.get("attr_exact_pairs")
+    if stored.attr_exact_pairs and fresh_pairs is not None and fresh_pairs != stored.attr_exact_pairs:
+        out.append(f"Other attribution: the atlas's ΔCE attribution had its {stored.attr_exact_pairs:,} largest "
+                   f"latent-context terms computed exactly; this evaluation's had {fresh_pairs:,}"
+                   + (" (a Ray cluster computes first-order attribution only)" if not fresh_pairs else "") + ".")
     return out

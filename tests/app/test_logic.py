@@ -418,3 +418,24 @@ def test_paths_note_says_how_few_groups_help_alone(atlas, monkeypatch):
     note = paper_notes(atlas)["paths"]
     assert "does not rise on 40% of the steps" in note
     assert "Only 15% of the groups lower MSE when applied alone, and 1% of whole families" in note
+
+
+def test_fresh_differences_name_another_attribution(synthetic_atlas, tmp_path):
+    """A fresh evaluation whose attribution had other exact pairs than the atlas's says so in words."""
+    import shutil
+
+    from metasae.atlas import read_manifest, write_manifest
+    from metasae.views.stitching import fresh_differences
+
+    out = tmp_path / "atlas"
+    shutil.copytree(synthetic_atlas, out)
+    m, _ = read_manifest(out)
+    m["stitching"]["pairs"][0]["attr_exact_pairs"] = 256
+    write_manifest(out, m)
+    atlas = Atlas.open(out)
+    result = {"n_tokens": 100, "n_ce_tokens": 120, "attr_exact_pairs": 0}
+    said = " ".join(fresh_differences(atlas, 64, 128, result, {"n_tokens": 100}))
+    assert "the atlas's ΔCE attribution had its 256 largest latent-context terms computed exactly; this " \
+           "evaluation's had 0 (a Ray cluster computes first-order attribution only)." in said
+    same = " ".join(fresh_differences(atlas, 64, 128, {**result, "attr_exact_pairs": 256}, {"n_tokens": 100}))
+    assert "Other attribution" not in same

@@ -266,7 +266,7 @@ def test_fresh_evaluation_equals_the_build_on_the_same_smollm2_tokens(smollm2, m
     summary = json.loads((folder / "done.json").read_text())
 
     manifest = Manifest.coerce({"model": {"name": "smollm2"}, "saes": [], "meta_sae": {},
-                                "build": {"config": {"max_norm_ratio": 5.0}}})
+                                "build": {"config": cfg.to_flat()}})  # as the assembly records it
     res = dist.stitch_eval(smollm2, hook, tokens, small, large, threshold=cfg.stitching.threshold,
                            **dist.build_settings(manifest))
     assert res["n_sink_tokens"] == 1 and res["n_tokens"] == summary["eval_tokens"] == 4 * 23 - 1
@@ -275,6 +275,8 @@ def test_fresh_evaluation_equals_the_build_on_the_same_smollm2_tokens(smollm2, m
     tol = dict(rtol=1e-4, atol=1e-6)
     close(res["delta_mse"], built["delta_mse"], **tol)
     close(np.asarray(res["group_delta_mse"])[built["group_id"]], built["group_delta_mse"], **tol)
+    # the attribution with its largest terms made exact, the same pairs on both paths
+    assert res["attr_exact_pairs"] == summary["attr_exact_pairs"] == 8 * 4
     close(res["delta_ce_attr"], built["delta_ce_attr"], **tol)
     assert [c["step"] for c in res["curve"]] == curve["step"].tolist()
     assert [c["action"] for c in res["curve"]] == curve["action"].tolist()
