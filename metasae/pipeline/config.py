@@ -229,22 +229,25 @@ class BuildConfig:
         """A config from its nested form, the old flat form, or a mix; missing values are today's defaults
         (options added after a build started count as their defaults)."""
         values: dict[str, Any] = {}
+        flat = flat_names()  # old flat names and the `<section>_<field>` names of options added since
         for key, value in data.items():
             if key in SECTIONS and isinstance(value, Mapping):
                 for k, v in value.items():
                     values[f"{key}.{k}"] = v
             else:
-                values[LEGACY_PATHS.get(key, key)] = value
+                values[flat.get(key, key)] = value
         return cls().with_values(values)
 
     def with_values(self, values: Mapping[str, Any]) -> BuildConfig:
-        """This config with some values replaced, by dotted path (`train.k`) or old flat name (`k`); validated."""
+        """This config with some values replaced, by dotted path (`train.k`) or flat name (`k`,
+        `stitching_attr_exact_pairs_per_ctx`); validated."""
         known = set(paths())
+        flat = flat_names()
         by_section: dict[str, dict[str, Any]] = {}
         top: dict[str, Any] = {}
         bad = []
         for key, value in values.items():
-            path = LEGACY_PATHS.get(key, key)
+            path = flat.get(key, key)
             if path not in known:
                 bad.append(key)
             elif "." in path:

@@ -149,3 +149,11 @@ def test_exact_ce_sample_and_groups() -> None:
     s = st.exact_ce_sample(attr, 4, seed=0)
     assert list(s) == sorted(s) and {1, 2} <= set(s) and set(s) <= set(np.flatnonzero(attr))
     assert list(st.exact_ce_sample(attr, 4, seed=0)) == list(s)
+
+
+def test_the_flat_form_reads_back_options_added_after_the_legacy_names() -> None:
+    """A manifest's flat `build.config` holds `<section>_<field>` names for newer options: they read back."""
+    cfg = from_preset("demo").with_values({"stitching.attr_exact_pairs_per_ctx": 3})
+    assert cfg.to_flat()["stitching_attr_exact_pairs_per_ctx"] == 3
+    assert BuildConfig.from_dict(cfg.to_flat()) == cfg
+    assert cfg.with_values({"stitching_attr_exact_pairs_per_ctx": 5}).stitching.attr_exact_pairs_per_ctx == 5
