@@ -407,20 +407,34 @@ def delta_ce_attribution(lm, hook: str, cs: CeSet, small: Sae, large: Sae, item_
     term. A large effect is a large |attribution| in a few contexts (saturation of the downstream model is the
     source of the error), so a budget of a few pairs per context fixes the ranking of the large effects.
     """
+    return delta_ce_attributions(lm, hook, cs, small, large, item_of, signs, n_items, batch_ctx, exact_pairs, batch,
+                                 reuse_prefix)[1]
+
+
+def delta_ce_attributions(lm, hook: str, cs: CeSet, small: Sae, large: Sae, item_of: torch.Tensor,
+                          signs: torch.Tensor, n_items: int, batch_ctx: int = 8, exact_pairs: int = 0,
+                          batch: int = 16, reuse_prefix: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first-order, corrected) ΔCE of every item from one gradient pass: `delta_ce_attribution` without and
+    with its `exact_pairs` correction, for callers that report both."""
     C = cs.tokens.shape[0]
     keys, val = _attribution_pairs(lm, hook, cs, small, large, item_of, signs, batch_ctx)
-    if exact_pairs > 0 and len(keys):
-        with torch.no_grad():
-            pick = torch.argsort(val.abs(), descending=True)[: exact_pairs]
-            chosen = keys[pick]
-            D = _decoders(small, large)
-            items = torch.unique(chosen // C)
-            for lo in range(0, len(items), 64):  # bounded dense perturbation tensors
-                p_item, p_ctx, first, pert = _pairs_of(cs, item_of, signs, D, items[lo:lo + 64], only=chosen)
-                exact = _pair_loss_changes(lm, hook, cs, p_ctx, pert, first, batch, reuse_prefix)
-                val[torch.searchsorted(keys, p_item * C + p_ctx)] = exact
-    out = val.new_zeros(n_items).index_add_(0, keys // C, val)
-    return (out / cs.n_tokens).to(_work_dtype(small, large))
+
+    def per_item(v: torch.Tensor) -> torch.Tensor:
+        return (v.new_zeros(n_items).index_add_(0, keys // C, v) / cs.n_tokens).to(_work_dtype(small, large))
+
+    first_order = per_item(val)
+    if exact_pairs <= 0 or not len(keys):
+        return first_order, first_order
+    val = val.clone()
+    with torch.no_grad():
+        chosen = keys[torch.argsort(val.abs(), descending=True)[: exact_pairs]]
+        D = _decoders(small, large)
+        items = torch.unique(chosen // C)
+        for lo in range(0, len(items), 64):  # bounded dense perturbation tensors
+            p_item, p_ctx, first, pert = _pairs_of(cs, item_of, signs, D, items[lo:lo + 64], only=chosen)
+            exact = _pair_loss_changes(lm, hook, cs, p_ctx, pert, first, batch, reuse_prefix)
+            val[torch.searchsorted(keys, p_item * C + p_ctx)] = exact
+    return first_order, per_item(val)
 
 
 @torch.no_grad()

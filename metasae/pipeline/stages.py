@@ -203,10 +203,10 @@ def _stitch_pair(ctx: BuildContext, small: Sae, large: Sae) -> None:
     S, L = small.width, large.width
     per_latent = torch.cat([torch.full((S,), L), torch.arange(L)])
     ones = torch.ones(S + L)
-    attr_plain = st.delta_ce_attribution(lm, hook, cs, small, large, per_latent, ones, L + 1)[:L].numpy()
     budget = cfg.stitching.attr_exact_pairs_per_ctx * cs.tokens.shape[0]
-    attr_lat = st.delta_ce_attribution(lm, hook, cs, small, large, per_latent, ones, L + 1,
-                                       exact_pairs=budget)[:L].numpy() if budget else attr_plain
+    plain_t, attr_t = st.delta_ce_attributions(lm, hook, cs, small, large, per_latent, ones, L + 1,
+                                               exact_pairs=budget)
+    attr_plain, attr_lat = plain_t[:L].numpy(), attr_t[:L].numpy()
     group_t = torch.as_tensor(m.group)
     attr_grp = st.delta_ce_attribution(lm, hook, cs, small, large, group_t, m.signs(), m.n_groups).numpy()
     n_ex = min(cfg.stitching.exact_ce_latents, L)
