@@ -94,6 +94,20 @@ echo "build time: $build_s; image size: $size"
   fail "the image has no HEALTHCHECK"
 
 # N free loopback ports, printed on one line
+# wait_healthy CONTAINER LABEL: poll the container's HEALTHCHECK (up to 240 s); fail with its log tail if it stops
+wait_healthy() {
+  local status=""
+  for _ in $(seq 1 120); do
+    status="$(docker inspect -f '{{.State.Health.Status}} {{.State.Status}}' "$1")"
+    case "$status" in
+      healthy*) return 0 ;;
+      *exited* | *dead*) docker logs --tail 30 "$1" >&2; fail "$2 stopped: $status" ;;
+    esac
+    sleep 2
+  done
+  fail "$2: not healthy after 240 s: $status"
+}
+
 free_ports() {
   "$py" -c '
 import socket, sys
@@ -112,16 +126,7 @@ t0=$(date +%s)
 METASAE_TOKEN="$token" docker run -d --name "$name" --network host --health-interval 3s \
   -e METASAE_TOKEN -e METASAE_BACKEND_HOST=127.0.0.1 -e "METASAE_BACKEND_PORT=$backend_port" \
   -e METASAE_APP_HOST=127.0.0.1 -e "METASAE_APP_PORT=$app_port" -e METASAE_TORCH_THREADS=2 "$image" >/dev/null
-status=""
-for _ in $(seq 1 120); do
-  status="$(docker inspect -f '{{.State.Health.Status}} {{.State.Status}}' "$name")"
-  case "$status" in
-    healthy*) break ;;
-    *exited* | *dead*) fail "the container stopped: $status" ;;
-  esac
-  sleep 2
-done
-[[ "$status" == healthy* ]] || fail "not healthy after 240 s: $status"
+wait_healthy "$name" "the container"
 healthy_s=$(($(date +%s) - t0))
 echo "healthy after $healthy_s s"
 
@@ -281,16 +286,7 @@ docker-compose -p "$project" -f "$tmp/compose.yaml" up -d >"$tmp/compose-up.log"
   fail "docker-compose up failed: $(tail -5 "$tmp/compose-up.log")"
 cid="$(docker-compose -p "$project" -f "$tmp/compose.yaml" ps -q metasae)"
 [ -n "$cid" ] || fail "docker-compose up started no container: $(tail -5 "$tmp/compose-up.log")"
-status=""
-for _ in $(seq 1 120); do
-  status="$(docker inspect -f '{{.State.Health.Status}} {{.State.Status}}' "$cid")"
-  case "$status" in
-    healthy*) break ;;
-    *exited* | *dead*) docker logs --tail 30 "$cid" >&2; fail "the compose container stopped: $status" ;;
-  esac
-  sleep 2
-done
-[[ "$status" == healthy* ]] || fail "compose: not healthy after 240 s: $status"
+wait_healthy "$cid" "the compose container"
 docker exec "$cid" sh -c 'test -z "${METASAE_TOKEN+set}"' || fail "compose passed a METASAE_TOKEN that was not set"
 for _ in $(seq 1 60); do
   curl -fsS -m 5 "http://127.0.0.1:$compose_port/_stcore/health" >/dev/null 2>&1 && break
@@ -336,15 +332,7 @@ PY
   for svc in backend app; do
     cid="$(docker-compose -p "${project}split" -f "$tmp/split-compose.yaml" ps -q "$svc")"
     [ -n "$cid" ] || fail "split: no $svc container"
-    for _ in $(seq 1 120); do
-      status="$(docker inspect -f '{{.State.Health.Status}} {{.State.Status}}' "$cid")"
-      case "$status" in
-        healthy*) break ;;
-        *exited* | *dead*) docker logs --tail 30 "$cid" >&2; fail "split: $svc stopped: $status" ;;
-      esac
-      sleep 2
-    done
-    [[ "$status" == healthy* ]] || fail "split: $svc not healthy after 240 s: $status"
+    wait_healthy "$cid" "split: $svc"
   done
   echo "split: backend (Ray head) and app healthy after $(($(date +%s) - t0)) s"
   CHECK_BACKEND="$split_url" CHECK_TOKEN="$token" "$py" - <<'PY'
