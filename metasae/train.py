@@ -37,12 +37,17 @@ class TrainConfig:
     center_input: bool = False
     max_norm_ratio: float | None = None  # drop training rows with norm > this x median (attention sinks)
     normalize: bool = True  # scale inputs to mean norm sqrt(d) while training; folded into the weights after
+    # a latent silent this many training tokens counts as dead and gets the AuxK loss (None: a quarter of training)
+    dead_window_tokens: int | None = None
     seed: int = 0
     device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.architecture not in ("standard", "batchtopk"):
             raise ValueError(f"architecture must be 'standard' or 'batchtopk', got {self.architecture!r}")
+        if self.dead_window_tokens is not None and self.dead_window_tokens < self.batch_size:
+            raise ValueError(f"dead_window_tokens ({self.dead_window_tokens}) must be at least one batch "
+                             f"({self.batch_size})")
         if self.n_tokens < self.batch_size:
             raise ValueError(f"n_tokens ({self.n_tokens}) must be at least one batch ({self.batch_size})")
 
@@ -122,6 +127,14 @@ def dense_latents(sae: Sae) -> range:
     return range(int(d.get("first", sae.width)), int(d.get("first", sae.width)) + int(d.get("count", 0)))
 
 
+def dead_window_steps(cfg: TrainConfig) -> int:
+    """Training steps a latent may stay silent before AuxK treats it as dead."""
+    steps = cfg.n_tokens // cfg.batch_size
+    if cfg.dead_window_tokens is None:
+        return max(50, steps // 4)
+    return max(1, cfg.dead_window_tokens // cfg.batch_size)
+
+
 def _training_sae(d_in: int, width: int, cfg: TrainConfig, hook: str, model: str):
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
     from sae_lens.saes.sae import SAEMetadata
@@ -157,7 +170,7 @@ def train_sae(batches: Iterator[torch.Tensor], d_in: int, width: int, cfg: Train
         total_training_samples=steps * cfg.batch_size, train_batch_size_samples=cfg.batch_size, lr=cfg.lr,
         lr_end=cfg.lr / 10, lr_scheduler_name="constant", lr_warm_up_steps=int(cfg.lr_warm_up_frac * steps),
         lr_decay_steps=int(cfg.lr_decay_frac * steps), device=cfg.device,
-        logger=LoggingConfig(log_to_wandb=False), dead_feature_window=max(50, steps // 4),
+        logger=LoggingConfig(log_to_wandb=False), dead_feature_window=dead_window_steps(cfg),
         feature_sampling_window=max(50, steps // 4), n_batches_for_norm_estimate=20)
     trainer = SAETrainer(tcfg, sae, batches)
     curve: list[tuple[int, float]] = []

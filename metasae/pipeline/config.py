@@ -85,6 +85,9 @@ class LadderTrainConfig:
     # leading principal components also reconstructed by a dense linear pathway (2 ReLU latents +-v each);
     # 0 = off; the mean alone removed the always-on latents on the demo layer (see train.DensePath)
     dense_pcs: int = 0
+    # a latent silent for this many training tokens counts as dead and is trained by the AuxK loss (batchtopk);
+    # none: a quarter of training (sae-lens's window as the ladder used it before this option)
+    dead_window_tokens: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.architecture in ARCHITECTURES,
@@ -96,13 +99,17 @@ class LadderTrainConfig:
         _check(self.max_norm_ratio is None or self.max_norm_ratio > 0,
                f"train.max_norm_ratio must be positive or none, got {self.max_norm_ratio}")
         _check(self.dense_pcs >= 0, f"train.dense_pcs must not be negative, got {self.dense_pcs}")
+        _check(self.dead_window_tokens is None or self.dead_window_tokens >= self.batch_size,
+               f"train.dead_window_tokens must be at least one batch ({self.batch_size}) or none, "
+               f"got {self.dead_window_tokens}")
 
     def train_config(self, seed: int) -> TrainConfig:
         from metasae.train import TrainConfig
 
         return TrainConfig(architecture=self.architecture, n_tokens=self.tokens, batch_size=self.batch_size,
                            lr=self.lr, k=self.k, center_input=self.center_input,
-                           max_norm_ratio=self.max_norm_ratio, seed=seed)
+                           max_norm_ratio=self.max_norm_ratio, dead_window_tokens=self.dead_window_tokens,
+                           seed=seed)
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,7 @@ def test_old_flat_config_is_the_demo_preset() -> None:
     assert BuildConfig.from_dict(OLD_DEMO) == demo
     assert stale_stages(OLD_DEMO, demo) == []
     # the manifest keeps its shape; options added since (each with its default) come last
-    added = {"stitching_attr_exact_pairs_per_ctx": 8}
+    added = {"train_dead_window_tokens": None, "stitching_attr_exact_pairs_per_ctx": 8}
     assert demo.to_flat() == {**OLD_DEMO, **added} and list(demo.to_flat()) == [*OLD_DEMO, *added]
     assert BuildConfig.from_dict(demo.to_dict()) == demo
     manifest = DATA / "manifest.json"
