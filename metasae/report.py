@@ -156,13 +156,19 @@ def targets(m: Manifest) -> list[tuple[str, str, str, bool | None]]:
         vals = [v for v in vals if v is not None]
         return bool(vals) and all(lo <= v <= hi for v in vals)
 
+    def seed(v: float | None) -> str:
+        return "" if v is None else f" (same width, other seed: {_pct(v)})"
+
     return [
-        ("functional novel fraction of live latents, each pair", "25-55%", " / ".join(map(_pct, func)), ok(func, .25, .55)),
-        ("cosine-novel among live latents, each pair", "<= 70%", " / ".join(map(_pct, cos)), ok(cos, hi=.70)),
+        ("functional novel fraction of live latents, each pair", "25-55%",
+         " / ".join(map(_pct, func)) + seed(base.novel_frac_functional), ok(func, .25, .55)),
+        ("cosine-novel among live latents, each pair", "<= 70%",
+         " / ".join(map(_pct, cos)) + seed(base.mismatch_frac), ok(cos, hi=.70)),
         ("same-width seed mismatch (smallest rung)", "<= 65%", _pct(base.mismatch_frac),
          ok([base.mismatch_frac], hi=.65)),
         (f"largest rung ({largest.width}): latents below density 1e-4", "< 15%",
-         _pct(largest.stats_rare_frac), ok([largest.stats_rare_frac], hi=.1499)),
+         _pct(largest.stats_rare_frac) + f" (every rung: {' / '.join(_pct(s.stats_rare_frac) for s in m.saes)})",
+         ok([largest.stats_rare_frac], hi=.1499)),
         ("always-on latents' share of active slots", "<= 15%", " / ".join(map(_pct, shares)), ok(shares, hi=.15)),
         ("meta-SAE variance explained: train / held-out / random-row control held-out",
          ">= 45% / >= 25% / >= 5x below held-out", f"{_pct(tr)} / {_pct(ho)} / {_pct(rnd)}",
@@ -212,7 +218,9 @@ def write_report(atlas_path: str | Path, out_dir: str | Path) -> Path:
         f"Model **{m.model.name}**, hook `{m.model.hook}` (d_model {m.model.d_model}); corpus "
         f"{', '.join(m.corpus.sources)}, {m.corpus.n_tokens or 0:,} tokens. "
         f"Ladder {', '.join(str(w) for w in atlas.widths)} (BatchTopK k={bcfg.get('k')}, "
-        f"{bcfg.get('train_tokens', 0):,} training tokens each, inputs centred on the data mean); meta-SAE "
+        f"{bcfg.get('train_tokens', 0):,} training tokens each, inputs centred on the data mean"
+        + (f", AuxK window {bcfg['train_dead_window_tokens']:,} tokens" if bcfg.get("train_dead_window_tokens") else "")
+        + "); meta-SAE "
         f"{ms.width} meta-latents, k={ms.k}.",
         "",
         "Every number below stands next to the baseline that says what it would be by chance or by "
@@ -221,9 +229,7 @@ def write_report(atlas_path: str | Path, out_dir: str | Path) -> Path:
         "",
         "## Targets",
         "",
-        "| measure | target | measured | met |",
-        "|---|---|---|:-:|",
-        *[f"| {a} | {b} | {c} | {'yes' if d else 'no'} |" for a, b, c, d in tgt],
+        *targets_table(tgt),
         "",
         "## The ladder",
         "",
@@ -333,7 +339,28 @@ def write_report(atlas_path: str | Path, out_dir: str | Path) -> Path:
     lines += intervention_block(out_dir / "intervention.md")
     path = out_dir / "results.md"
     path.write_text("\n".join(lines) + "\n")
+    update_atlas_readme(Path(atlas_path) / "README.md", tgt)
     return path
+
+
+TARGETS_START, TARGETS_END = "<!-- targets:start -->", "<!-- targets:end -->"
+
+
+def targets_table(rows: list[tuple[str, str, str, bool | None]]) -> list[str]:
+    return ["| measure | target | this atlas | met |", "|---|---|---|:-:|",
+            *[f"| {a} | {b} | {c} | {'yes' if d else 'no'} |" for a, b, c, d in rows]]
+
+
+def update_atlas_readme(readme: Path, rows: list[tuple[str, str, str, bool | None]]) -> bool:
+    """Rewrite the targets table between the markers of an atlas's README (so its numbers are never typed by
+    hand); a README without the markers is left as it is. True when the table was written."""
+    text = readme.read_text() if readme.is_file() else ""
+    if TARGETS_START not in text or TARGETS_END not in text:
+        return False
+    head, rest = text.split(TARGETS_START, 1)
+    tail = rest.split(TARGETS_END, 1)[1]
+    readme.write_text("\n".join([head + TARGETS_START, *targets_table(rows), TARGETS_END]) + tail)
+    return True
 
 
 def _or_dash(x: object) -> str:

@@ -70,3 +70,20 @@ def test_intervention_block_is_copied_with_headings_one_level_down(tmp_path) -> 
     assert "not measured yet" in intervention_block(tmp_path / "missing.md")[0]
     (tmp_path / "intervention.md").write_text(f"# x\n{EVAL_START}\n\n### Verdict\n| a | b |\n{EVAL_END}\ntail\n")
     assert intervention_block(tmp_path / "intervention.md") == ["#### Verdict", "| a | b |"]
+
+
+def test_atlas_readme_targets_are_rewritten_between_markers_only(tmp_path) -> None:
+    from metasae.report import TARGETS_END, TARGETS_START, update_atlas_readme
+
+    rows = [("novel", "25-55%", "30.0%", True), ("rare", "< 15%", "39.0%", False)]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Atlas\n\nintro\n\n{TARGETS_START}\n| old | table |\n{TARGETS_END}\n\nafter\n")
+    assert update_atlas_readme(readme, rows)
+    text = readme.read_text()
+    assert "| old | table |" not in text and text.startswith("# Atlas\n\nintro\n\n") and text.endswith("\n\nafter\n")
+    assert "| novel | 25-55% | 30.0% | yes |" in text and "| rare | < 15% | 39.0% | no |" in text
+    assert update_atlas_readme(readme, rows) and readme.read_text() == text  # idempotent
+    plain = tmp_path / "plain.md"
+    plain.write_text("no markers\n")
+    assert not update_atlas_readme(plain, rows) and plain.read_text() == "no markers\n"
+    assert not update_atlas_readme(tmp_path / "missing.md", rows)
