@@ -355,12 +355,18 @@ def update_atlas_readme(readme: Path, rows: list[tuple[str, str, str, bool | Non
     """Rewrite the targets table between the markers of an atlas's README (so its numbers are never typed by
     hand); a README without the markers is left as it is. True when the table was written."""
     text = readme.read_text() if readme.is_file() else ""
-    if TARGETS_START not in text or TARGETS_END not in text:
+    new = replace_marked(text, TARGETS_START, TARGETS_END, "\n".join([TARGETS_START, *targets_table(rows), TARGETS_END]))
+    if new is None:
         return False
-    head, rest = text.split(TARGETS_START, 1)
-    tail = rest.split(TARGETS_END, 1)[1]
-    readme.write_text("\n".join([head + TARGETS_START, *targets_table(rows), TARGETS_END]) + tail)
+    readme.write_text(new)
     return True
+
+
+def replace_marked(doc: str, start: str, end: str, block: str) -> str | None:
+    """`doc` with everything from `start` to `end` (markers included) replaced by `block`; None without both."""
+    if start not in doc or end not in doc:
+        return None
+    return doc[: doc.index(start)] + block + doc[doc.index(end) + len(end):]
 
 
 def _or_dash(x: object) -> str:

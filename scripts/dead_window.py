@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -44,8 +44,7 @@ def train_one(work: Path, out: Path, width: int, tokens: int, window: int | None
     shares = slot_shares(sae, acts)
     return {"window_tokens": window, "width": width, "tokens": tokens, "fvu": ev["fvu"], "l0": ev["l0"],
             "density_tokens": len(acts), "dead": shares["n_dead"],
-            "below_1e-4": (shares["n_dead"] + shares["n_rare"]) / sae.width, "dense": shares["n_dense"],
-            "config": asdict(tc)}
+            "below_1e-4": (shares["n_dead"] + shares["n_rare"]) / sae.width, "dense": shares["n_dense"]}
 
 
 def main() -> None:
@@ -61,7 +60,6 @@ def main() -> None:
     torch.set_num_threads(1)
     jobs = [functools.partial(train_one, a.work, a.out, a.width, a.tokens, w) for w in windows]
     for res in run_jobs(jobs, a.workers):
-        res.pop("config")
         print(json.dumps(res))
 
 

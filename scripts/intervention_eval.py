@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from metasae.report import EVAL_END as END  # noqa: E402  (after the path insert)
 from metasae.report import EVAL_START as START  # noqa: E402
+from metasae.report import replace_marked  # noqa: E402
 
 NATIONS = {"United States": " America", "German": " Germany", "French": " France", "English": " England",
            "Italian": " Italy", "Russian": " Russia", "Austrian": " Austria", "Scottish": " Scotland",
@@ -228,11 +229,8 @@ def bench(atlas_path: str, reps: int = 20) -> dict:
 
 def write_section(path: Path, text: str) -> None:
     doc = path.read_text(encoding="utf-8") if path.exists() else ""
-    if START in doc and END in doc:
-        doc = doc[: doc.index(START)] + text + doc[doc.index(END) + len(END):]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(doc, encoding="utf-8")
+    new = replace_marked(doc, START, END, text)
+    path.write_text(new if new is not None else doc.rstrip("\n") + "\n\n" + text + "\n", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
