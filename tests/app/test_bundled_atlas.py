@@ -12,6 +12,7 @@ import pytest
 from app_helpers import texts
 
 from metasae.atlas import Atlas, verify
+from metasae.pipeline.presets import from_preset
 from metasae.views.latent import latent_view
 
 DATA = Path(__file__).resolve().parents[2] / "data"
@@ -34,7 +35,9 @@ def test_bundled_atlas_is_the_demo_preset(bundled):
     assert bundled.widths == [576, 1152, 2304, 4608]
     # 1,998,848 tokens: 61 whole shards of 256 contexts of 128 tokens
     assert m["corpus"]["n_tokens"] == 1_998_848
-    assert m["meta_sae"]["k"] == 4 and m["meta_sae"]["width"] == 1152
+    demo = from_preset("demo")
+    assert (m["meta_sae"]["k"], m["meta_sae"]["width"]) == (demo.meta.k, demo.meta.width) == (4, 2304)
+    assert m["build"]["config"]["train_dead_window_tokens"] == demo.train.dead_window_tokens == 20_480
 
 
 def test_bundled_atlas_carries_its_baselines_and_showcase(bundled):

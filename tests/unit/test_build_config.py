@@ -85,14 +85,23 @@ def test_command_for_parses_back_to_the_same_config() -> None:
     assert command_for(PRESETS["demo"], "data") == "metasae build --preset demo --out data"
 
 
-def test_old_flat_config_is_the_demo_preset() -> None:
-    """The old work folder and the bundled atlas's manifest count as built with today's demo preset."""
-    demo = from_preset("demo")
-    assert BuildConfig.from_dict(OLD_DEMO) == demo
-    assert stale_stages(OLD_DEMO, demo) == []
+def _before_auxk() -> BuildConfig:
+    """The demo preset before its short AuxK window and wider meta-SAE (2026-12-06): what the old flat form
+    stands for."""
+    return from_preset("demo", {"train.dead_window_tokens": None, "meta.width": 1152})
+
+
+def test_old_flat_config_is_the_demo_preset_of_its_time() -> None:
+    """The old work folder reads back as the demo preset of its day; today's demo (its short AuxK window) retrains
+    the ladder from there, and the bundled atlas's manifest counts as built with today's preset."""
+    demo, before = from_preset("demo"), _before_auxk()
+    assert BuildConfig.from_dict(OLD_DEMO) == before
+    assert stale_stages(OLD_DEMO, before) == []
+    assert stale_stages(OLD_DEMO, demo) == ["ladder", "evaluate", "stitching", "stats", "meta"]
     # the manifest keeps its shape; options added since (each with its default) come last
     added = {"train_dead_window_tokens": None, "stitching_attr_exact_pairs_per_ctx": 8}
-    assert demo.to_flat() == {**OLD_DEMO, **added} and list(demo.to_flat()) == [*OLD_DEMO, *added]
+    assert before.to_flat() == {**OLD_DEMO, **added} and list(before.to_flat()) == [*OLD_DEMO, *added]
+    assert (demo.to_flat()["train_dead_window_tokens"], demo.to_flat()["meta_width"]) == (20_480, 2304)
     assert BuildConfig.from_dict(demo.to_dict()) == demo
     manifest = DATA / "manifest.json"
     if manifest.is_file():
@@ -112,20 +121,21 @@ def test_old_flat_work_folder_keeps_its_outputs(tmp_path: Path) -> None:
         p.write_text("cached")
     (work / "config.json").write_text(json.dumps(OLD_DEMO))
     logs: list[str] = []
-    prepare_work(from_preset("demo"), work, force=False, log=logs.append)
+    prepare_work(_before_auxk(), work, force=False, log=logs.append)
     assert all(p.is_file() for p in outputs) and logs == []
     stored = json.loads((work / "config.json").read_text())
-    assert stored["meta"]["k"] == 4 and BuildConfig.from_dict(stored) == from_preset("demo")
+    assert stored["meta"]["k"] == 4 and BuildConfig.from_dict(stored) == _before_auxk()
     # a changed meta setting drops the meta stage's outputs only
-    prepare_work(from_preset("demo", {"meta.k": 2}), work, force=False, log=logs.append)
+    prepare_work(from_preset("demo", {"meta.k": 2, "train.dead_window_tokens": None}), work, force=False,
+                 log=logs.append)
     assert not (work / "meta.json").exists() and all(p.is_file() for p in outputs if p.name != "meta.json")
     assert "redoing stages ['meta']" in logs[0]
 
 
 def test_options_missing_from_an_old_config_count_as_their_defaults() -> None:
     old = {k: v for k, v in OLD_DEMO.items() if k != "dense_pcs"}  # as if dense_pcs came later
-    assert stale_stages(old, from_preset("demo")) == []
-    assert stale_stages(old, from_preset("demo", {"train.dense_pcs": 2}))[0] == "ladder"
+    assert stale_stages(old, _before_auxk()) == []
+    assert stale_stages(old, from_preset("demo", {"train.dense_pcs": 2, "train.dead_window_tokens": None}))[0] == "ladder"
 
 
 def test_every_option_invalidates_a_stage() -> None:
