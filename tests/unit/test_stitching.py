@@ -18,6 +18,7 @@ from metasae.stitching import (
     delta_ce_exact,
     delta_ce_loop,
     delta_mse_loop,
+    greedy_order,
     group_delta_mse,
     interpolate,
     latent_delta_mse,
@@ -348,6 +349,29 @@ def test_interpolate_follows_a_given_order_and_refuses_a_bad_one(ladder, data):
     for bad in (order[:-1], np.zeros(m.n_groups, dtype=int), np.arange(1, m.n_groups + 1)):
         with pytest.raises(StitchError, match="permutation"):
             interpolate(ladder.small, ladder.large, m, sp, order=bad)
+
+
+def test_greedy_order_predicts_every_step_of_its_path(ladder, data):
+    """Each greedy step is the group that lowers the error most at that point: checked against interpolate's
+    exact error after every step and against a brute-force search over the groups left."""
+    m = match(ladder.small, ladder.large, 0.7)
+    sp = sparse_acts(ladder.small, ladder.large, data.double())
+    order, steps = greedy_order(ladder.small, ladder.large, m, sp)
+    assert sorted(order.tolist()) == list(range(m.n_groups))
+    df = interpolate(ladder.small, ladder.large, m, sp, order=order)
+    exact = np.diff(df["mse"].to_numpy()[:-1]) * sp.n_tokens
+    np.testing.assert_allclose(steps, exact, rtol=1e-6, atol=1e-6 * abs(exact).max())
+    # brute force: at each step, try every group left with interpolate and keep the best
+    done: list[int] = []
+    for g in order[:4]:
+        left = [h for h in range(m.n_groups) if h not in done]
+        after = {h: interpolate(ladder.small, ladder.large, m, sp,
+                                order=np.array(done + [h] + [x for x in left if x != h]))["mse"].iloc[len(done) + 1]
+                 for h in left}
+        assert after[int(g)] == pytest.approx(min(after.values()), rel=1e-9)
+        done.append(int(g))
+    # the first step is the group that helps most alone
+    assert order[0] == int(np.argmin(group_delta_mse(ladder.small, ladder.large, m, sp).numpy()))
 
 
 # --- ΔCE on a tiny model ----------------------------------------------------------------------------------
