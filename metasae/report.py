@@ -409,7 +409,8 @@ def _differences(atlas: Atlas, m: Manifest, bcfg: dict[str, Any], ms: MetaSaeInf
         "- Attention sinks: besides position 0, about 0.006% of tokens have residual norms 10-100x the median and "
         "held over half of the variance; they are left out of training and of MSE/FVU/ΔMSE "
         f"(max_norm_ratio = {bcfg.get('max_norm_ratio')}) but stay in the CE evaluation.",
-        _meta_scale_line(ms.rows.n_rows if ms.rows else None, ms.width, m.model.d_model),
+        _meta_scale_line(ms.rows.n_rows if ms.rows else None, ms.rows.source if ms.rows else None, ms.width,
+                         m.model.d_model),
         "- ΔCE is measured on a few thousand evaluation tokens; attribution ΔCE is stored for every latent (first "
         "order, with its largest latent-context terms replaced by their exact change) and the exact value for a "
         "sample per pair (see the Spearman column: the sample is small, n=15-16, and half of it is chosen among "
@@ -424,11 +425,12 @@ def _differences(atlas: Atlas, m: Manifest, bcfg: dict[str, Any], ms: MetaSaeInf
     ]
 
 
-def _meta_scale_line(n_rows: int | None, width: int | None, d_model: int | None) -> str:
+def _meta_scale_line(n_rows: int | None, source: str | None, width: int | None, d_model: int | None) -> str:
     """How the meta-SAE's size compares with the paper's (2304 meta-latents on 49152 rows: 3x d_model, 21 rows each)."""
     if not (n_rows and width and d_model):
         return "- The meta-SAE's rows or width are not recorded in this atlas's manifest."
-    return (f"- The meta-SAE reads {n_rows:,} rows pooled from every rung into {width:,} meta-latents "
+    where = "pooled from every rung" if source == "pooled" else "of the widest rung"
+    return (f"- The meta-SAE reads {n_rows:,} rows {where} into {width:,} meta-latents "
             f"({width / d_model:.1f}x d_model, {n_rows / width:.1f} rows per meta-latent); the paper's reads 49,152 "
             "rows of one SAE into 2,304 (3x d_model, 21 rows each). With so few rows per meta-latent it memorises "
             "part of them: the held-out rows and the random-row control say how much.")

@@ -22,11 +22,9 @@ from metasae.pipeline.stages import read_work_config
 from metasae.sae import Sae
 
 
-def compare(work: Path, small_w: int, large_w: int) -> list[str]:
-    cfg = read_work_config(work)
+def compare(work: Path, acts: torch.Tensor, threshold: float, small_w: int, large_w: int) -> list[str]:
     small, large = (Sae.load(work / "saes" / str(w)) for w in (small_w, large_w))
-    acts = ActivationStore.open(work / "acts").flat(n_eval_ctx(cfg), cfg.train.max_norm_ratio)
-    m = st.match(small, large, cfg.stitching.threshold)
+    m = st.match(small, large, threshold)
     sp = st.sparse_acts(small, large, acts)
     lines = []
     for name, order in (("ranked alone (the build)", None), ("exact greedy", st.greedy_order(small, large, m, sp)[0])):
@@ -44,11 +42,13 @@ def main() -> None:
     p.add_argument("--pairs", nargs="+", default=None, help="small,large widths (default: every neighbouring pair)")
     a = p.parse_args()
     torch.set_num_threads(1)
-    widths = read_work_config(a.work).ladder.widths
+    cfg = read_work_config(a.work)
+    widths = cfg.ladder.widths
     pairs = ([tuple(int(w) for w in x.split(",")) for x in a.pairs] if a.pairs
              else list(zip(widths[:-1], widths[1:], strict=True)))
+    acts = ActivationStore.open(a.work / "acts").flat(n_eval_ctx(cfg), cfg.train.max_norm_ratio)
     for small_w, large_w in pairs:
-        print("\n".join(compare(a.work, small_w, large_w)), flush=True)
+        print("\n".join(compare(a.work, acts, cfg.stitching.threshold, small_w, large_w)), flush=True)
 
 
 if __name__ == "__main__":
