@@ -93,6 +93,30 @@ def meta_fvu(meta: Sae, rows: torch.Tensor) -> float:
     return float(err / ((rows - rows.mean(0)) ** 2).sum().clamp_min(1e-12))
 
 
+# edges of the held-out split by nearest training row: the same latent at another width sits at cos ~0.7+
+SIBLING_EDGES: tuple[float, ...] = (0.5, 0.7)
+
+
+@torch.no_grad()
+def heldout_by_nearest(meta: Sae, train_rows: torch.Tensor, heldout_rows: torch.Tensor,
+                       edges: tuple[float, ...] = SIBLING_EDGES) -> list[dict]:
+    """Held-out FVU split by each held-out row's highest cosine with any training row.
+
+    Pooled rows hold one latent at several widths, so a held-out row often has a sibling in the training set and
+    its score is partly recall; the bin below the lowest edge is the generalisation to rows without one. Rows are
+    unit vectors, so the dot product is the cosine. Bins are [lo, hi), the first from -1, the last to 1 inclusive;
+    a bin of fewer than two rows has no variance to explain (None).
+    """
+    nearest = (heldout_rows.float() @ train_rows.float().T).max(1).values
+    bounds = [-1.0, *edges, 1.0]
+    out = []
+    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        sel = (nearest >= lo) & ((nearest < hi) if i < len(edges) else torch.ones_like(nearest, dtype=torch.bool))
+        n = int(sel.sum())
+        out.append({"lo": lo, "hi": hi, "n": n, "heldout_fvu": meta_fvu(meta, heldout_rows[sel]) if n > 1 else None})
+    return out
+
+
 def _pairs(labels: np.ndarray, members: np.ndarray, max_group: int = 2000) -> set[tuple[int, int]]:
     """Unordered member pairs that share a label (groups over `max_group` members skipped: they would dominate)."""
     out: set[tuple[int, int]] = set()
@@ -349,6 +373,7 @@ def recipe_summary(rc: Recipe, metas: dict[str, Sae], saes: list[Sae], decomp: p
             "train_fvu": fvu["seed0"]["train"], "heldout_fvu": fvu["seed0"]["heldout"],
             "random_train_fvu": fvu["random"]["train"], "random_heldout_fvu": fvu["random"]["heldout"],
             "seed_heldout_fvu": [fvu[n]["heldout"] for n in rc.seed_names],
+            "heldout_by_nearest": heldout_by_nearest(meta, seed0.train_rows, seed0.heldout_rows),
             "largest_only": ({"n_rows": len(largest.rows), "train_fvu": fvu["largest"]["train"],
                               "heldout_fvu": fvu["largest"]["heldout"]} if largest is not None else None),
             "rows": {"source": rc.source, "n_rows": len(seed0.rows), "n_train": int(len(seed0.split.train)),

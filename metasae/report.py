@@ -311,6 +311,7 @@ def write_report(atlas_path: str | Path, out_dir: str | Path) -> Path:
         *([f"| the largest rung's rows alone ({ms.largest_only.n_rows} rows): train / held-out | "
            f"{_pct(1 - _nan(ms.largest_only.train_fvu))} / {_pct(1 - _nan(ms.largest_only.heldout_fvu))} | | |"]
           if ms.largest_only else []),
+        *_sibling_rows(ms),
         f"| held-out, each meta seed | {' / '.join(_pct(1 - _nan(f)) for f in ms.seed_heldout_fvu)} | | |",
         f"| meta-latents found again by other seeds (cos >= {_seed_threshold(ms):g}) | "
         f"{_pct(ms.seed_matched_frac)} | | |",
@@ -371,6 +372,18 @@ def replace_marked(doc: str, start: str, end: str, block: str) -> str | None:
 
 def _or_dash(x: object) -> str:
     return "—" if x is None else str(x)
+
+
+def _sibling_rows(ms: MetaSaeInfo) -> list[str]:
+    """Held-out rows split by their nearest training row: recall of a sibling (the same latent at another width)
+    versus generalisation to rows without one."""
+    rows = []
+    for b in ms.heldout_by_nearest:
+        where = (f"below {b.hi:g}" if b.lo <= -1 else f"at or above {b.lo:g}" if b.hi >= 1
+                 else f"{b.lo:g} to {b.hi:g}")
+        rows.append(f"| held-out rows whose nearest training row has cos {where} ({b.n} rows) | "
+                    f"{_pct(None if b.heldout_fvu is None else 1 - b.heldout_fvu)} | | |")
+    return rows
 
 
 def _seed_threshold(ms: MetaSaeInfo) -> float:

@@ -93,6 +93,7 @@ with right, st.container(border=True):
         + (f" Sharing a meta-latent agrees with sharing a stitching group for {found['meta_overlap']:.1%} of pairs."
            if found["meta_overlap"] is not None else ""))
     note("meta")
+    note("meta_siblings")
     note("overlap")
     if example:
         ui.page_link("latent", f"Open {latent_name(example.width, example.latent, example.label)}"

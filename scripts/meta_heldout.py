@@ -14,13 +14,10 @@ import argparse
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from metasae import meta as mt
 from metasae.pipeline.stages import read_work_config
 from metasae.sae import Sae
-
-BINS = ((-1.0, 0.5), (0.5, 0.7), (0.7, 1.01))
 
 
 def main() -> None:
@@ -33,18 +30,14 @@ def main() -> None:
     rc = mt.recipe([(s.width, s.W_dec, dens[s.width]) for s in saes],
                    mt.RowFilter(cfg.meta.min_density, cfg.meta.max_density), pooled=cfg.meta.rows == "pooled",
                    n_seeds=1, seed=cfg.seed)
-    with torch.no_grad():
-        for name, job in rc.jobs.items():
-            meta = Sae.load(work / "meta_seeds" / name)
-            held = job.heldout_rows
-            nearest = (held @ job.train_rows.T).max(1).values
-            parts = [f"all {len(held)}: {1 - mt.meta_fvu(meta, held):.1%}"]
-            for lo, hi in BINS:
-                sel = (nearest >= lo) & (nearest < hi)
-                if sel.any():
-                    parts.append(f"cos [{max(lo, 0):.1f}, {min(hi, 1):.1f}) {int(sel.sum())}: "
-                                 f"{1 - mt.meta_fvu(meta, held[sel]):.1%}")
-            print(f"{name:>8} held-out variance explained; " + "; ".join(parts))
+    for name, job in rc.jobs.items():
+        meta = Sae.load(work / "meta_seeds" / name)
+        parts = [f"all {len(job.heldout_rows)}: {1 - mt.meta_fvu(meta, job.heldout_rows):.1%}"]
+        for b in mt.heldout_by_nearest(meta, job.train_rows, job.heldout_rows):
+            fvu = b["heldout_fvu"]
+            parts.append(f"cos [{max(b['lo'], 0):.1f}, {b['hi']:.1f}) {b['n']}: "
+                         + ("-" if fvu is None else f"{1 - fvu:.1%}"))
+        print(f"{name:>8} held-out variance explained; " + "; ".join(parts))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from metasae.atlas.manifest import (
     COS_THRESHOLD,
     BuildInfo,
     CorpusInfo,
+    HeldoutBin,
     Manifest,
     MetaRows,
     MetaSaeInfo,
@@ -63,7 +64,7 @@ from metasae.atlas.schema import (
 __all__ = [
     "COS_THRESHOLD", "DEAD_LABEL", "FORMAT_VERSION", "KEYS", "KINDS", "LAZY_ABOVE", "MANIFEST",
     "MAX_SAFETENSORS_HEADER", "MIN_FORMAT_VERSION", "OPTIONAL_TABLES", "REQUIRED_TABLES", "SAE_FILES", "SCHEMAS",
-    "TABLES", "Atlas", "AtlasError", "BuildInfo", "CorpusInfo", "Manifest", "MetaRows", "MetaSaeInfo", "ModelInfo",
+    "TABLES", "Atlas", "AtlasError", "BuildInfo", "CorpusInfo", "HeldoutBin", "Manifest", "MetaRows", "MetaSaeInfo", "ModelInfo",
     "Overlap", "SaeInfo", "SeedBaseline", "SeedStability", "ShowcaseItem", "StitchPair", "StitchingInfo",
     "TableSpec", "UnknownLatentError", "atlas_files", "check_parquet", "check_weights", "conform",
     "links_outside", "load_manifest", "migrate", "missing_table_message", "read_manifest", "release_memory",

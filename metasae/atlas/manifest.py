@@ -131,6 +131,15 @@ class LargestOnly(_Section):
     heldout_fvu: float | None = None
 
 
+class HeldoutBin(_Section):
+    """Held-out rows whose nearest training row has cosine in [lo, hi), and the meta-SAE's FVU on them."""
+
+    lo: float
+    hi: float
+    n: int
+    heldout_fvu: float | None = None
+
+
 class MetaSaeInfo(_Section):
     path: str = "meta_sae"
     width: int | None = None
@@ -142,6 +151,7 @@ class MetaSaeInfo(_Section):
     random_heldout_fvu: float | None = None
     seed_heldout_fvu: list[float | None] = Field(default_factory=list)
     largest_only: LargestOnly | None = None
+    heldout_by_nearest: list[HeldoutBin] = Field(default_factory=list)
     rows: MetaRows | None = None
     seed_stability: SeedStability | float | None = None  # a bare number in synthetic atlases
     fvu_by_width: dict[str, float | None] = Field(default_factory=dict)

@@ -133,7 +133,7 @@ def path_shape(curves: dict[tuple[int, int], pd.DataFrame]) -> dict[str, float |
 def paper_notes(atlas: Atlas) -> dict[str, str]:
     """One plain sentence per headline number that differs from the paper, built from this atlas's values.
 
-    Keys: "novel", "paths", "meta", "overlap" (absent when the atlas agrees with the paper or does not say).
+    Keys: "novel", "paths", "meta", "meta_siblings", "overlap" (absent when the atlas agrees with the paper or does not say).
     """
     f = findings(atlas)
     out: dict[str, str] = {}
@@ -184,6 +184,13 @@ def paper_notes(atlas: Atlas) -> dict[str, str]:
             text += (f", trained on {rows.n_rows:,} rows "
                      + ("pooled over the widths" if rows.source == "pooled" else "of the largest SAE"))
         out["meta"] = text + "."
+    bins = atlas.manifest.meta_sae.heldout_by_nearest
+    if len(bins) > 1 and bins[0].heldout_fvu is not None and bins[-1].heldout_fvu is not None:
+        low, high = bins[0], bins[-1]
+        out["meta_siblings"] = (
+            f"Pooled rows hold one latent at several widths, so part of the held-out score is recall: on held-out "
+            f"rows with a sibling among the training rows (cosine ≥ {high.lo:g}) it explains "
+            f"{1 - high.heldout_fvu:.0%}, on rows without one (cosine < {low.hi:g}) {1 - low.heldout_fvu:.0%}.")
     ov = f["meta_overlap"]
     if not f["meta_overlap_measured"] and atlas.manifest.meta_sae.overlap_recorded:
         out["overlap"] = ("The paper measures a 28.92% overlap between sharing a meta-latent and sharing a "

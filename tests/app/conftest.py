@@ -60,6 +60,7 @@ def old_manifest_atlas(synthetic_atlas: Path, tmp_path_factory: pytest.TempPathF
     shutil.copytree(synthetic_atlas, out)
     m = json.loads((out / MANIFEST).read_text())
     m.pop("showcase")
+    m["meta_sae"].pop("heldout_by_nearest")
     m["stitching"].pop("seed_baseline")
     for p in m["stitching"]["pairs"]:
         for k in ("novel_frac_functional", "novel_frac_cos_live", "n_live_large", "monotone_frac"):

@@ -187,7 +187,8 @@ def test_show_token_and_html_escaping():
 
 def test_paper_notes_and_counts_read_old_and_new_manifests(atlas, old_manifest_atlas):
     notes = paper_notes(atlas)
-    assert set(notes) == {"novel", "meta", "overlap"}  # the synthetic paths fall smoothly: no "paths" note
+    assert set(notes) == {"novel", "meta", "meta_siblings", "overlap"}  # synthetic paths fall smoothly: no "paths"
+    assert notes["meta_siblings"].endswith("(cosine ≥ 0.7) it explains 65%, on rows without one (cosine < 0.5) 22%.")
     old = Atlas.open(old_manifest_atlas)
     person, science = showcase(atlas), showcase(atlas, "science")
     assert showcase(old) is None and person is not None and person.latent == 7

@@ -139,3 +139,25 @@ def test_showcase_prefers_german_and_counts_named_statesmen() -> None:
     d = pd.DataFrame({"sae_width": 8, "latent": [2, 3, 4, 0], "meta_latent": 7, "weight": 1.0, "rank": 0})
     chk = showcase.check({"width": 8, "latent": 0}, [d], lat)
     assert chk["seeds"][0]["scientist_members"] == 2  # Lincoln/Jefferson and Newton/Leibniz; not Mozart/Bach
+
+
+def test_heldout_split_by_nearest_training_row_separates_recall_from_generalisation() -> None:
+    """A meta-SAE that memorised 40 random rows explains their held-out siblings (cos ~0.95) and not fresh random
+    rows; the bins partition the held-out rows, with FVUs that a per-row loop reproduces."""
+    train = mt.random_rows(40, 64, seed=3)
+    memo = mt.train_meta_sae(train, mt.MetaConfig(width=80, k=2, lr=1e-2, batch_size=40, n_batches=600),
+                             progress=False)
+    g = torch.Generator().manual_seed(5)
+    siblings = torch.nn.functional.normalize(train + 0.3 * torch.randn(40, 64, generator=g) / 8, dim=1)
+    held = torch.cat([siblings, mt.random_rows(40, 64, seed=11)])
+    bins = mt.heldout_by_nearest(memo, train, held)
+    assert [(b["lo"], b["hi"]) for b in bins] == [(-1.0, 0.5), (0.5, 0.7), (0.7, 1.0)]
+    nearest = [max(float(h @ t) for t in train) for h in held]  # brute force, one row at a time
+    for b in bins:
+        idx = [i for i, c in enumerate(nearest) if b["lo"] <= c < b["hi"] or (b["hi"] == 1.0 and c >= b["lo"])]
+        assert b["n"] == len(idx)
+        if len(idx) > 1:
+            assert b["heldout_fvu"] == pytest.approx(mt.meta_fvu(memo, held[idx]), rel=1e-5)
+    low, high = bins[0], bins[-1]
+    assert (low["n"], high["n"]) == (40, 40)  # the fresh rows and the siblings land where planted
+    assert 1 - high["heldout_fvu"] > 0.7 and 1 - low["heldout_fvu"] < 0.2

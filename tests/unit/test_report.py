@@ -7,6 +7,7 @@ import pytest
 
 from metasae import report
 from metasae.atlas import Atlas, Manifest
+from metasae.atlas.manifest import MetaSaeInfo
 from metasae.synthetic_atlas import make_synthetic_atlas
 
 
@@ -87,3 +88,14 @@ def test_atlas_readme_targets_are_rewritten_between_markers_only(tmp_path) -> No
     plain.write_text("no markers\n")
     assert not update_atlas_readme(plain, rows) and plain.read_text() == "no markers\n"
     assert not update_atlas_readme(tmp_path / "missing.md", rows)
+
+
+def test_sibling_rows_read_each_bin_of_the_manifest():
+    ms = MetaSaeInfo.model_validate({"heldout_by_nearest": [
+        {"lo": -1.0, "hi": 0.5, "n": 330, "heldout_fvu": 0.79}, {"lo": 0.5, "hi": 0.7, "n": 0, "heldout_fvu": None},
+        {"lo": 0.7, "hi": 1.0, "n": 324, "heldout_fvu": 0.383}]})
+    assert report._sibling_rows(ms) == [
+        "| held-out rows whose nearest training row has cos below 0.5 (330 rows) | 21.0% | | |",
+        "| held-out rows whose nearest training row has cos 0.5 to 0.7 (0 rows) | — | | |",
+        "| held-out rows whose nearest training row has cos at or above 0.7 (324 rows) | 61.7% | | |"]
+    assert report._sibling_rows(MetaSaeInfo()) == []  # older atlases
