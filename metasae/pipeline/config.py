@@ -74,7 +74,8 @@ class LadderTrainConfig:
     architecture: str = "batchtopk"  # "standard" (ReLU + L1, the paper's) or "batchtopk"
     tokens: int = 1_000_000
     batch_size: int = 1024
-    k: float = 32
+    k: float = 32  # batchtopk: active latents per token
+    l1_coefficient: float = 5.0  # standard: the sparsity penalty (sets L0 there, as k does for batchtopk)
     lr: float = 5e-4
     center_input: bool = False  # subtract b_dec before encoding while training (folded away when saved)
     max_norm_ratio: float | None = 5.0  # tokens with norm > this x median (attention sinks) left out of training/MSE
@@ -95,6 +96,7 @@ class LadderTrainConfig:
         _check(self.tokens >= 0, f"train.tokens must not be negative, got {self.tokens}")
         _check(self.batch_size >= 1, f"train.batch_size must be positive, got {self.batch_size}")
         _check(self.k > 0, f"train.k must be positive, got {self.k}")
+        _check(self.l1_coefficient > 0, f"train.l1_coefficient must be positive, got {self.l1_coefficient}")
         _check(self.lr > 0, f"train.lr must be positive, got {self.lr}")
         _check(self.max_norm_ratio is None or self.max_norm_ratio > 0,
                f"train.max_norm_ratio must be positive or none, got {self.max_norm_ratio}")
@@ -107,7 +109,7 @@ class LadderTrainConfig:
         from metasae.train import TrainConfig
 
         return TrainConfig(architecture=self.architecture, n_tokens=self.tokens, batch_size=self.batch_size,
-                           lr=self.lr, k=self.k, center_input=self.center_input,
+                           lr=self.lr, k=self.k, l1_coefficient=self.l1_coefficient, center_input=self.center_input,
                            max_norm_ratio=self.max_norm_ratio, dead_window_tokens=self.dead_window_tokens,
                            seed=seed)
 

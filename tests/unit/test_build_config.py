@@ -69,6 +69,7 @@ def test_presets_are_typed_and_not_shared_mutably() -> None:
     ({"meta.min_density": 0.5, "meta.max_density": 0.1}, "min_density"),
     ({"train.architecture": "topk"}, "architecture"),
     ({"train.tokens": 10}, "at least one batch"),
+    ({"train.l1_coefficient": 0}, "l1_coefficient"),
     ({"no_such_option": 1}, "unknown build options"),
 ])
 def test_bad_settings_fail_before_any_stage(values: dict, message: str) -> None:
@@ -99,7 +100,7 @@ def test_old_flat_config_is_the_demo_preset_of_its_time() -> None:
     assert stale_stages(OLD_DEMO, before) == []
     assert stale_stages(OLD_DEMO, demo) == ["ladder", "evaluate", "stitching", "stats", "meta"]
     # the manifest keeps its shape; options added since (each with its default) come last
-    added = {"train_dead_window_tokens": None, "stitching_attr_exact_pairs_per_ctx": 8}
+    added = {"train_l1_coefficient": 5.0, "train_dead_window_tokens": None, "stitching_attr_exact_pairs_per_ctx": 8}
     assert before.to_flat() == {**OLD_DEMO, **added} and list(before.to_flat()) == [*OLD_DEMO, *added]
     assert (demo.to_flat()["train_dead_window_tokens"], demo.to_flat()["meta_width"]) == (20_480, 2304)
     assert BuildConfig.from_dict(demo.to_dict()) == demo
@@ -144,6 +145,13 @@ def test_every_option_invalidates_a_stage() -> None:
     base = PRESETS["tiny"]
     assert stale_stages(base, base.with_values({"stitching.threshold": 0.5}))[0] == "evaluate"
     assert stale_stages(base, base.with_values({"corpus.shard_ctx": 64}))[0] == "activations"
+
+
+def test_train_section_makes_the_train_config_of_either_architecture() -> None:
+    cfg = from_preset("tiny", {"train.architecture": "standard", "train.l1_coefficient": 2.5, "train.k": 8})
+    tc = cfg.train.train_config(seed=4)
+    assert (tc.architecture, tc.l1_coefficient, tc.k, tc.seed) == ("standard", 2.5, 8, 4)
+    assert stale_stages(cfg, cfg.with_values({"train.l1_coefficient": 3.0}))[0] == "ladder"
 
 
 def test_meta_section_makes_the_meta_config() -> None:
