@@ -55,6 +55,9 @@ def test_overview_says_where_the_atlas_differs_from_the_paper(synthetic_atlas, r
     held = 1 - m["meta_sae"]["heldout_fvu"]
     assert (f"The paper's meta-SAE explains about half of the variance; this one explains {held:.0%} of held-out "
             f"decoder rows (a meta-SAE on random rows: {1 - m['meta_sae']['random_heldout_fvu']:.0%})") in text
+    low, high = (1 - m["meta_sae"]["heldout_by_nearest"][i]["heldout_fvu"] for i in (0, -1))
+    assert (f"on held-out rows with a sibling among the training rows (cosine ≥ 0.7) it explains {high:.0%}, on rows "
+            f"without one (cosine < 0.5) {low:.0%}") in text
     assert "on this atlas it is not measurable" in text  # overlap: null
     assert f"{m['meta_sae']['seed_stability']:.0%} of its meta-latents recur" in text
 
