@@ -77,3 +77,25 @@ def test_latent_page_of_the_bundled_atlas_shows_the_stored_label(bundled, run_pa
     shown = latent_view(bundled, w, int(row["latent"])).label
     assert shown and f"### {shown}" in [m.value for m in at.markdown]
     assert not at.error
+
+
+def test_bundled_held_out_split_matches_a_fresh_computation(bundled):
+    """The manifest's held-out split by nearest training row, recomputed from the atlas's own (fp16) SAEs, densities
+    and meta-SAE with the build's recipe: the stored and the fresh numbers agree."""
+    from metasae import meta as mt
+    from metasae.sae import Sae
+
+    ms = bundled.manifest.meta_sae
+    saes = [Sae.load(DATA / "saes" / str(w)) for w in bundled.widths]
+    dens = {w: bundled.latents_table(w, ["density"])["density"].to_numpy() for w in bundled.widths}
+    rc = mt.recipe([(s.width, s.W_dec.float(), dens[s.width]) for s in saes],
+                   mt.RowFilter(ms.rows.min_density, ms.rows.max_density), pooled=ms.rows.source == "pooled",
+                   n_seeds=1, seed=bundled.manifest.build.seed)
+    job = rc.jobs["seed0"]
+    assert (len(job.split.train), len(job.split.heldout)) == (ms.rows.n_train, ms.rows.n_heldout)
+    fresh = mt.heldout_by_nearest(Sae.load(DATA / "meta_sae"), job.train_rows, job.heldout_rows)
+    assert sum(b["n"] for b in fresh) == sum(b.n for b in ms.heldout_by_nearest) == ms.rows.n_heldout
+    for new, old in zip(fresh, ms.heldout_by_nearest, strict=True):
+        assert (new["lo"], new["hi"]) == (old.lo, old.hi)
+        assert abs(new["n"] - old.n) <= 3  # fp16 weights move a cosine across a bin edge now and then
+        assert new["heldout_fvu"] == pytest.approx(old.heldout_fvu, abs=0.002)
