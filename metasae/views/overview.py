@@ -185,12 +185,12 @@ def paper_notes(atlas: Atlas) -> dict[str, str]:
                      + ("pooled over the widths" if rows.source == "pooled" else "of the largest SAE"))
         out["meta"] = text + "."
     bins = atlas.manifest.meta_sae.heldout_by_nearest
-    if len(bins) > 1 and bins[0].heldout_fvu is not None and bins[-1].heldout_fvu is not None:
-        low, high = bins[0], bins[-1]
+    low_fvu, high_fvu = (bins[0].heldout_fvu, bins[-1].heldout_fvu) if len(bins) > 1 else (None, None)
+    if low_fvu is not None and high_fvu is not None:
         out["meta_siblings"] = (
             f"Pooled rows hold one latent at several widths, so part of the held-out score is recall: on held-out "
-            f"rows with a sibling among the training rows (cosine ≥ {high.lo:g}) it explains "
-            f"{1 - high.heldout_fvu:.0%}, on rows without one (cosine < {low.hi:g}) {1 - low.heldout_fvu:.0%}.")
+            f"rows with a sibling among the training rows (cosine ≥ {bins[-1].lo:g}) it explains "
+            f"{1 - high_fvu:.0%}, on rows without one (cosine < {bins[0].hi:g}) {1 - low_fvu:.0%}.")
     ov = f["meta_overlap"]
     if not f["meta_overlap_measured"] and atlas.manifest.meta_sae.overlap_recorded:
         out["overlap"] = ("The paper measures a 28.92% overlap between sharing a meta-latent and sharing a "
