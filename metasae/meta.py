@@ -111,7 +111,9 @@ def heldout_by_nearest(meta: Sae, train_rows: torch.Tensor, heldout_rows: torch.
     bounds = [-1.0, *edges, 1.0]
     out = []
     for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        sel = (nearest >= lo) & ((nearest < hi) if i < len(edges) else torch.ones_like(nearest, dtype=torch.bool))
+        sel = nearest >= lo
+        if i < len(edges):  # the last bin keeps everything above its edge (a duplicate row's cosine can pass 1.0)
+            sel &= nearest < hi
         n = int(sel.sum())
         out.append({"lo": lo, "hi": hi, "n": n, "heldout_fvu": meta_fvu(meta, heldout_rows[sel]) if n > 1 else None})
     return out

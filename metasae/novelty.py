@@ -10,6 +10,7 @@ should share almost every latent.
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import torch
 
 from metasae import stitching as st
@@ -68,6 +69,12 @@ def monotone_frac(mse: np.ndarray, rtol: float = 1e-6) -> float:
         return float("nan")
     d = np.diff(mse)
     return float((d <= rtol * np.abs(mse[:-1]).max()).mean())
+
+
+def group_path_mse(curve: pd.DataFrame) -> np.ndarray:
+    """An interpolation curve's MSE at its start and after each group, in order: the steps `monotone_frac` counts
+    (the final row, the large SAE's own b_dec, is not a group)."""
+    return curve[curve.action.isin(["start", "add", "swap", "remove"])].mse.to_numpy()
 
 
 def slot_shares(sae: Sae, acts: torch.Tensor, chunk: int = 8192) -> dict[str, float]:

@@ -50,9 +50,9 @@ def prepare(work: Path, out: Path, changes: dict[str, object]) -> None:
     write_json_atomic(out / "config.json", cfg.to_dict())
     if not (out / "acts").exists():
         (out / "acts").symlink_to((work / "acts").resolve(), target_is_directory=True)
-    for name in ("dense.safetensors",):
-        if (work / "saes" / name).is_file() and not (out / "saes" / name).is_file():
-            shutil.copy(work / "saes" / name, out / "saes" / name)
+    centre = work / "saes" / "dense.safetensors"
+    if centre.is_file() and not (out / "saes" / centre.name).is_file():
+        shutil.copy(centre, out / "saes" / centre.name)
 
 
 def measure(out: Path) -> dict:
@@ -62,9 +62,9 @@ def measure(out: Path) -> dict:
     small_w, large_w = cfg.ladder.widths
     small, large = (Sae.load(out / "saes" / str(w)) for w in (small_w, large_w))
     th = cfg.stitching.threshold
+    ev = {str(s.width): evaluate_sae(s, acts) for s in (small, large)}
     res: dict = {"config": {"train": cfg.to_dict()["train"]},
-                 "fvu": {str(s.width): evaluate_sae(s, acts)["fvu"] for s in (small, large)},
-                 "l0": {str(s.width): evaluate_sae(s, acts)["l0"] for s in (small, large)}}
+                 "fvu": {w: e["fvu"] for w, e in ev.items()}, "l0": {w: e["l0"] for w, e in ev.items()}}
     twin = out / "saes" / f"{small_w}{SEED_TWIN}"
     if (twin / "sae_weights.safetensors").is_file():
         res["seed_baseline"] = novelty.seed_baseline(small, Sae.load(twin), acts, th)
@@ -74,7 +74,7 @@ def measure(out: Path) -> dict:
     res.update(novelty.novel_fractions(d, m.nearest_small_cos, novelty.live_mask(large, acts), th))
     res["groups_help_alone"] = float((st.group_delta_mse(small, large, m, sp).numpy() < 0).mean())
     curve = st.interpolate(small, large, m, sp)
-    mse = curve[curve.action.isin(["start", "add", "swap", "remove"])].mse.to_numpy()  # as the build counts
+    mse = novelty.group_path_mse(curve)
     res["monotone_frac"] = novelty.monotone_frac(mse)
     res["peak_over_start"] = float(mse.max() / mse[0])
     return res

@@ -29,7 +29,7 @@ def compare(work: Path, acts: torch.Tensor, threshold: float, small_w: int, larg
     lines = []
     for name, order in (("ranked alone (the build)", None), ("exact greedy", st.greedy_order(small, large, m, sp)[0])):
         path = st.interpolate(small, large, m, sp, order=order)
-        mse = path.mse.to_numpy()[:-1]  # the last row swaps in the large SAE's b_dec, not a group
+        mse = novelty.group_path_mse(path)
         lines.append(f"{small_w}->{large_w} {name:>24}: MSE does not rise on {novelty.monotone_frac(mse):.1%} of "
                      f"{m.n_groups} steps; highest MSE {mse.max():.0f} (start {mse[0]:.0f}); highest L0 "
                      f"{path.l0.max():.1f}")

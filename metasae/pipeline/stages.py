@@ -239,8 +239,6 @@ def _stitch_pair(ctx: BuildContext, small: Sae, large: Sae) -> None:
     write_table(folder, "stitching", curve)
     live = novelty.live_mask(large, ctx.eval_acts)
     fracs = novelty.novel_fractions(d_lat, m.nearest_small_cos, live, threshold)
-    groups = curve[curve.action.isin(["add", "swap", "remove"])].mse.to_numpy()
-    start = curve[curve.action == "start"].mse.to_numpy()
     valid = ~np.isnan(ce_exact)
     rho, rho_plain = (float(spearmanr(ce_exact[valid], a[valid]).statistic) if valid.sum() > 2 else float("nan")
                       for a in (attr_lat, attr_plain))
@@ -250,7 +248,7 @@ def _stitch_pair(ctx: BuildContext, small: Sae, large: Sae) -> None:
                "attr_spearman": rho, "attr_spearman_plain": rho_plain, "attr_exact_pairs": budget,
                "n_exact_ce": int(valid.sum()), "eval_tokens": sp.n_tokens,
                "ce_tokens": cs.n_tokens, **fracs,
-               "monotone_frac": novelty.monotone_frac(np.concatenate([start, groups])),
+               "monotone_frac": novelty.monotone_frac(novelty.group_path_mse(curve)),
                # share of groups that lower MSE applied alone: when few do, no order of them descends monotonically
                "groups_help_alone": float((d_grp < 0).mean()),
                "families_help_alone": float((st.group_delta_mse(small, large, fam, sp).numpy() < 0).mean()),

@@ -74,6 +74,15 @@ def test_seed_baseline_same_sae_matches_everything_random_matches_nothing(plante
     assert other["mismatch_frac"] > 0.8
 
 
+def test_group_path_mse_keeps_the_start_and_the_group_steps_in_order() -> None:
+    import pandas as pd
+
+    curve = pd.DataFrame({"action": ["start", "add", "swap", "remove", "add", "bias"],
+                          "mse": [5.0, 4.0, 4.5, 3.0, 2.0, 1.0]})
+    assert novelty.group_path_mse(curve).tolist() == [5.0, 4.0, 4.5, 3.0, 2.0]  # the b_dec swap is no group
+    assert novelty.monotone_frac(novelty.group_path_mse(curve)) == 0.75
+
+
 def test_monotone_frac() -> None:
     assert novelty.monotone_frac(np.array([5.0, 4.0, 4.0, 3.0])) == 1.0
     assert novelty.monotone_frac(np.array([5.0, 6.0, 4.0, 4.5, 1.0])) == 0.5
