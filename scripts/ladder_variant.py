@@ -42,8 +42,13 @@ def parse_value(text: str) -> object:
 
 def prepare(work: Path, out: Path, changes: dict[str, object]) -> None:
     """OUT as a work folder sharing WORK's activations and centre, with the changed settings and two rungs."""
+    if not (work / "config.json").is_file():
+        raise SystemExit(f"{work} is not a build's work folder (no config.json)")
     base = read_work_config(work)
-    cfg = base.with_values({"ladder.widths": base.ladder.widths[:2], **changes})
+    try:
+        cfg = base.with_values({"ladder.widths": base.ladder.widths[:2], **changes})
+    except (ValueError, TypeError) as e:  # an unknown path, or a value of the wrong type for its setting
+        raise SystemExit(f"bad --set {changes}: {e}") from None
     (out / "saes").mkdir(parents=True, exist_ok=True)
     if (out / "config.json").is_file() and read_work_config(out) != cfg:
         raise SystemExit(f"{out} was trained with other settings; choose another folder")
